@@ -1,0 +1,130 @@
+"""Validation of call arguments at the boundary, before any model work (one place for all
+backends)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+
+from .config import AutoGazeConfig
+from .errors import InputError
+
+
+def as_pixel_values(pixel_values: Any) -> Any:
+    """Checks model input: float (B, T, 3, H, W) or (T, 3, H, W), finite, non-empty.
+
+    Returns a (B, T, 3, H, W) float32 numpy array, or a float32 torch tensor that stays on its
+    device (so CUDA input is not copied to the host).
+    """
+    is_torch = hasattr(pixel_values, "detach") and hasattr(pixel_values, "dtype") and not isinstance(
+        pixel_values, np.ndarray
+    )
+    if is_torch:
+        x = pixel_values.detach()
+        if not x.dtype.is_floating_point:
+            raise InputError(
+                f"pixel_values must be a float tensor, got {x.dtype}; use AutoGazeProcessor "
+                "to turn uint8 frames into pixel_values"
+            )
+    else:
+        if not isinstance(pixel_values, np.ndarray):
+            try:
+                pixel_values = np.asarray(pixel_values)
+            except Exception as e:  # ragged lists etc.
+                raise InputError(f"pixel_values could not be read as an array: {e}") from None
+        x = pixel_values
+        if x.dtype.kind != "f":
+            raise InputError(
+                f"pixel_values must be floating point, got dtype {x.dtype}; use "
+                "AutoGazeProcessor to turn uint8 frames into pixel_values"
+            )
+    if x.ndim == 4:
+        x = x[None]
+    if x.ndim != 5:
+        raise InputError(
+            f"pixel_values must have shape (B, T, 3, H, W) or (T, 3, H, W), got {tuple(x.shape)}"
+        )
+    B, T, C, H, W = x.shape
+    if C != 3:
+        raise InputError(f"pixel_values must have 3 channels in dim 2, got shape {tuple(x.shape)}")
+    if min(B, T, H, W) == 0:
+        raise InputError(f"pixel_values must not be empty, got shape {tuple(x.shape)}")
+    if is_torch:
+        import torch
+
+        x = x.to(torch.float32).contiguous()
+        if not bool(torch.isfinite(x).all()):
+            raise InputError("pixel_values contain NaN or Inf")
+        return x
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if not np.isfinite(x).all():
+        raise InputError("pixel_values contain NaN or Inf")
+    return x
+
+
+def gazing_budget(gazing_ratio: float, num_vision_tokens: int) -> int:
+    """M = max(1, floor(float32(ratio) * V)): 0.75 -> 198, 0.1 -> 26, 1.0 -> 265."""
+    return max(1, int(np.float32(gazing_ratio) * np.float32(num_vision_tokens)))
+
+
+def resolve_gazing_params(
+    cfg: AutoGazeConfig,
+    gazing_ratio: Union[None, float, Sequence[float]],
+    task_loss_requirement: Optional[float],
+    num_frames: int,
+) -> tuple[list[float], Optional[float]]:
+    """Applies SPEC §5's defaults and checks the values.
+
+    Both None: the config's fixed inference values. Only a requirement: ratio 1. Only a ratio:
+    no task-loss stopping. Returns per-frame ratios and the requirement (or None).
+    """
+    if gazing_ratio is None and task_loss_requirement is None:
+        if cfg.default_gazing_ratio is None:
+            raise InputError(
+                "the config's gazing_ratio strategy is not 'fixed', so there is no default: "
+                "pass gazing_ratio (and task_loss_requirement) explicitly"
+            )
+        gazing_ratio = cfg.default_gazing_ratio
+        task_loss_requirement = cfg.default_task_loss_requirement
+    elif gazing_ratio is None:
+        gazing_ratio = 1.0
+    if isinstance(gazing_ratio, (int, float, np.floating, np.integer)) and not isinstance(gazing_ratio, bool):
+        ratios = [float(gazing_ratio)] * num_frames
+    else:
+        try:
+            ratios = [float(r) for r in gazing_ratio]
+        except (TypeError, ValueError):
+            raise InputError(
+                f"gazing_ratio must be a number or a list of numbers (one per frame), got {gazing_ratio!r}"
+            ) from None
+        if len(ratios) != num_frames:
+            raise InputError(
+                f"gazing_ratio has {len(ratios)} values but the video has {num_frames} frames"
+            )
+    for r in ratios:
+        if not (math.isfinite(r) and 0.0 < r <= 1.0):
+            raise InputError(f"gazing_ratio must be in (0, 1], got {r}")
+    if task_loss_requirement is not None:
+        try:
+            req = float(task_loss_requirement)
+        except (TypeError, ValueError):
+            raise InputError(
+                f"task_loss_requirement must be a number or None, got {task_loss_requirement!r}"
+            ) from None
+        if not (math.isfinite(req) and req >= 0.0):
+            raise InputError(f"task_loss_requirement must be a finite number >= 0, got {req}")
+        task_loss_requirement = req
+    return ratios, task_loss_requirement
+
+
+def check_num_frames(cfg: AutoGazeConfig, num_frames: int, tokens_per_frame: int) -> None:
+    """Refuses clips whose positions would pass the decoder's position range."""
+    worst = num_frames * (cfg.connector.num_tokens + tokens_per_frame)
+    if worst >= cfg.decoder.max_position_embeddings:
+        raise InputError(
+            f"{num_frames} frames can reach position {worst}, past the decoder's "
+            f"max_position_embeddings ({cfg.decoder.max_position_embeddings}); split the video "
+            f"into clips of {cfg.max_num_frames} frames"
+        )

@@ -1,0 +1,161 @@
+"""``AutoGazeProcessor``: uint8 RGB frames -> the model's float32 ``pixel_values`` (SPEC §2).
+
+Bit-exact with the official ``AutoGazeImageProcessor``: PIL bilinear resize of the uint8
+frame (antialiased when shrinking), then rescale with offset and ImageNet normalisation with
+the same float64/float32 steps.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from typing import Any, Optional
+
+import numpy as np
+
+from .errors import ConfigError, InputError
+
+_PIL_FILTERS = {2: "BILINEAR"}
+
+
+@dataclass(frozen=True)
+class PreprocessorConfig:
+    do_resize: bool
+    size: dict[str, int]
+    resample: int
+    do_rescale: bool
+    rescale_factor: float
+    offset: bool
+    do_normalize: bool
+    image_mean: tuple[float, float, float]
+    image_std: tuple[float, float, float]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PreprocessorConfig":
+        return cls(
+            do_resize=bool(d["do_resize"]),
+            size={k: int(v) for k, v in d["size"].items() if v is not None},
+            resample=int(d["resample"]),
+            do_rescale=bool(d["do_rescale"]),
+            rescale_factor=float(d["rescale_factor"]),
+            offset=bool(d.get("offset", False)),
+            do_normalize=bool(d["do_normalize"]),
+            image_mean=tuple(float(x) for x in d["image_mean"]),
+            image_std=tuple(float(x) for x in d["image_std"]),
+        )
+
+
+def get_resize_output_image_size(height: int, width: int, size: dict[str, int]) -> tuple[int, int]:
+    """(H, W) after resizing, as Hugging Face computes it (shortest edge or explicit size)."""
+    if "height" in size and "width" in size:
+        return size["height"], size["width"]
+    short_side = size["shortest_edge"]
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = short_side, int(short_side * long / short)
+    return (new_long, new_short) if width <= height else (new_short, new_long)
+
+
+class AutoGazeProcessor:
+    """Turns RGB frames into ``pixel_values`` for :class:`autogaze_wgpu.AutoGaze`.
+
+    >>> proc = AutoGazeProcessor.from_pretrained("path/to/model")
+    >>> pixel_values = proc(frames)   # uint8 (T, H, W, 3) or (B, T, H, W, 3)
+    """
+
+    def __init__(self, config: PreprocessorConfig):
+        if config.do_resize and config.resample not in _PIL_FILTERS:
+            raise ConfigError(
+                f"preprocessor resample={config.resample} is not supported (only 2 = bilinear)"
+            )
+        self.config = config
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **overrides: Any) -> "AutoGazeProcessor":
+        """Reads ``preprocessor_config.json`` from a model dir (or a repo id, see
+        :func:`autogaze_wgpu.hub.resolve_model_dir`). Keyword overrides replace config fields,
+        e.g. ``size={"height": 448, "width": 448}``."""
+        from . import _native
+        from .hub import resolve_model_dir
+
+        d = _native.load_preprocessor_config(str(resolve_model_dir(path)))
+        cfg = PreprocessorConfig.from_dict(d)
+        if overrides:
+            unknown = set(overrides) - set(PreprocessorConfig.__dataclass_fields__)
+            if unknown:
+                raise ConfigError(f"unknown preprocessor override(s): {sorted(unknown)}")
+            cfg = replace(cfg, **overrides)
+        return cls(cfg)
+
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        if not self.config.do_resize:
+            return height, width
+        return get_resize_output_image_size(height, width, self.config.size)
+
+    def __call__(self, frames: Any, return_tensors: Optional[str] = "np"):
+        """uint8 RGB(A) frames (T, H, W, C) or (B, T, H, W, C) -> float32 (B, T, 3, H', W')."""
+        video = _as_uint8_video(frames)
+        B, T, H, W, _ = video.shape
+        out_h, out_w = self.output_size(H, W)
+        if (out_h, out_w) != (H, W):
+            video = self._resize(video, out_h, out_w)
+        x = self.normalize(video)
+        if return_tensors == "pt":
+            import torch
+
+            return torch.from_numpy(x)
+        if return_tensors not in (None, "np"):
+            raise InputError(f"return_tensors must be 'np' or 'pt', got {return_tensors!r}")
+        return x
+
+    def _resize(self, video: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+        from PIL import Image
+
+        B, T = video.shape[:2]
+        out = np.empty((B, T, out_h, out_w, 3), dtype=np.uint8)
+        resample = getattr(Image.Resampling, _PIL_FILTERS[self.config.resample])
+        for b in range(B):
+            for t in range(T):
+                img = Image.fromarray(video[b, t], mode="RGB")
+                out[b, t] = np.asarray(img.resize((out_w, out_h), resample))
+        return out
+
+    def normalize(self, video: np.ndarray) -> np.ndarray:
+        """uint8 (B, T, H, W, 3) -> float32 (B, T, 3, H, W) with the official float steps."""
+        c = self.config
+        x = video.astype(np.float32)
+        if c.do_rescale:
+            x = (video.astype(np.float64) * c.rescale_factor).astype(np.float32)
+            if c.offset:
+                x = x - np.float32(1)
+        if c.do_normalize:
+            x = (x - np.float32(c.image_mean)) / np.float32(c.image_std)
+        return np.ascontiguousarray(np.moveaxis(x, -1, -3))
+
+
+def _as_uint8_video(frames: Any) -> np.ndarray:
+    """Validates frames and returns a C-contiguous uint8 (B, T, H, W, 3) array."""
+    if hasattr(frames, "detach") and hasattr(frames, "cpu"):  # torch tensor
+        frames = frames.detach().cpu().numpy()
+    elif isinstance(frames, (list, tuple)):
+        try:
+            frames = np.stack([np.asarray(f) for f in frames])
+        except ValueError as e:
+            raise InputError(f"frames in a list must all have the same shape: {e}") from None
+    if not isinstance(frames, np.ndarray):
+        raise InputError(f"frames must be a numpy array, torch tensor or list, got {type(frames).__name__}")
+    if frames.dtype != np.uint8:
+        raise InputError(
+            f"frames must be uint8 RGB (0-255), got dtype {frames.dtype}; float input that is "
+            "already normalised goes straight to the model as pixel_values"
+        )
+    if frames.ndim == 4:
+        frames = frames[None]
+    if frames.ndim != 5:
+        raise InputError(
+            f"frames must have shape (T, H, W, C) or (B, T, H, W, C), got {tuple(frames.shape)}"
+        )
+    if frames.shape[-1] not in (3, 4):
+        raise InputError(f"frames must have 3 (RGB) or 4 (RGBA) channels, got {frames.shape[-1]}")
+    if min(frames.shape[:4]) == 0:
+        raise InputError(f"frames must not be empty, got shape {tuple(frames.shape)}")
+    return np.ascontiguousarray(frames[..., :3])
