@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod error;
+pub mod gpu;
 pub mod weights;
 
 #[cfg(feature = "python")]

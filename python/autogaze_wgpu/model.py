@@ -20,6 +20,7 @@ from .hub import resolve_model_dir
 from .inputs import as_pixel_values, check_num_frames, gazing_budget, resolve_gazing_params
 from .outputs import GazeOutput, ScoreOutput, assemble_output
 from .resolution import input_res_adapt, recover_output_from_res_adapt
+from .video.pipeline import run_video
 
 Ratio = Union[None, float, Sequence[float]]
 
@@ -134,6 +135,29 @@ class AutoGaze:
     ) -> "StreamSession":
         """A streaming session: feed one frame per ``step``; gives the whole-clip tokens."""
         return StreamSession(self, batch_size, gazing_ratio, task_loss_requirement)
+
+    def __call__(
+        self,
+        frames: Any,
+        mode: str = "resize",
+        gazing_ratio: Ratio = None,
+        task_loss_requirement: Optional[float] = None,
+        **kwargs: Any,
+    ):
+        """Gazes of a video of any size and length, in source-frame coordinates.
+
+        frames: uint8 RGB(A) frames (T, H, W, C) or one (H, W, C) frame, numpy or torch, a
+            list of frames, or an iterable of frames (e.g. ``video.io.read_frames``).
+        mode: "resize" (whole frame to the model input), "tiled" (AnyRes: resize to a whole
+            grid of 224 tiles) or "tiled_full" (native-resolution tiles, zero-padded edges).
+        Other keywords (``long_video="clips"|"stream"``, ``clip_len``, ``stream_horizon``,
+        ``tile_grid``, ``tile_stride``, ``max_tile_batch``, ``confidence``, ``fps``): see
+        :class:`autogaze_wgpu.video.VideoGazer` and docs/video.md.
+        Returns a :class:`autogaze_wgpu.video.VideoResult`.
+        """
+        return run_video(
+            self, frames, mode, gazing_ratio=gazing_ratio, task_loss_requirement=task_loss_requirement, **kwargs
+        )
 
 
 class StreamSession:

@@ -148,8 +148,8 @@ def random_weights(config: dict[str, Any], seed: int = 0) -> dict[str, np.ndarra
     # RMSNorm it is ~constant and column 0 of the task-loss head acts as a bias near 0.7.
     w[p + "connector.pos_embed"][:, 0] = 4.0
     w[p + "gaze_decoder.model.embed_tokens.weight"][:, 0] = 4.0
-    tl = normal((K, H), 0.012)
-    tl[:, 0] = 1.0 / 13.0
+    tl = normal((K, H), 0.016)
+    tl[:, 0] = 0.30
     w[p + "gaze_decoder.task_loss_prediction_head.weight"] = tl
     for i in range(d["num_hidden_layers"]):
         q = f"{p}gaze_decoder.model.layers.{i}."

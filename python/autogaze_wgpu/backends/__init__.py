@@ -22,9 +22,14 @@ def _reference(config, weights, device):
     return ReferenceBackend(config, weights, device=device)
 
 
-_FACTORIES["reference"] = _reference
+def _torch(config, weights, device):
+    from .torch_backend import TorchBackend
 
-BACKENDS = ("reference",)
+    return TorchBackend(config, weights, device=device)
+
+
+_FACTORIES["reference"] = _reference
+_FACTORIES["torch"] = _torch
 
 
 def available_backends() -> tuple[str, ...]:
@@ -44,7 +49,17 @@ def create_backend(name: str, config, weights, device=None):
 
 
 def _auto_choice() -> str:
-    for name in ("wgpu", "torch", "reference"):
-        if name in _FACTORIES:
-            return name
-    raise BackendError("no backend is available")
+    """wgpu when a GPU adapter exists, else torch on CUDA, else the reference."""
+    if "wgpu" in _FACTORIES:
+        from .wgpu import adapter_available
+
+        if adapter_available():
+            return "wgpu"
+    try:
+        import torch
+
+        return "torch" if torch.cuda.is_available() else "reference"
+    except ImportError:
+        raise BackendError(
+            "no backend is available: no GPU adapter for wgpu and PyTorch is not installed"
+        ) from None

@@ -1,0 +1,146 @@
+"""Benchmarks: ``python -m autogaze_wgpu.bench`` times every available backend on the same
+machine in one run and prints medians and ratios against the reference (eager torch).
+
+Workloads (SPEC sizes, 224x224 frames):
+  clip      1 video x 16 frames, gazing_ratio 0.75 + task_loss_requirement 0.7 (defaults)
+  no-stop   the same clip, gazing_ratio 0.75 only (16 x 198 tokens)
+  tiles45   45 tiles x 16 frames (a 1080p frame in AnyRes tiles), defaults
+  stream    streaming session, per-frame latency (median over 16 frames)
+
+Timings are wall-clock around the public call (input on the host, outputs back as numpy),
+after one warm-up call, with the device synchronised by the call's own readback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+
+def _median_time(fn: Callable[[], object], repeat: int) -> tuple[float, object]:
+    out = fn()  # warm-up (graph capture, pipeline compilation, allocations)
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def device_name(backend: str, model) -> str:
+    if backend in ("torch", "reference"):
+        import torch
+
+        dev = model.backend.device
+        return torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({platform.processor() or platform.machine()})"
+    return getattr(model.backend, "adapter_name", backend)
+
+
+def run(model_dir: Path, backends: list[str], device: Optional[str], repeat: int, workloads: list[str]) -> list[dict]:
+    import autogaze_wgpu as ag
+    from autogaze_wgpu.testing import synthetic_video
+
+    proc = ag.AutoGazeProcessor.from_pretrained(model_dir)
+    clip = proc(synthetic_video(16, 224, 224, seed=7))
+    tiles = proc(synthetic_video(16, 224, 224, seed=8, batch=45)) if "tiles45" in workloads else None
+    rows = []
+    for name in backends:
+        kw = {"device": device} if name in ("torch", "reference") and device else {}
+        model = ag.AutoGaze.from_pretrained(model_dir, backend=name, **kw)
+        dev = device_name(name, model)
+        for wl in workloads:
+            if wl == "clip":
+                fn = lambda: model.generate(clip, gazing_ratio=0.75, task_loss_requirement=0.7)  # noqa: E731
+            elif wl == "no-stop":
+                fn = lambda: model.generate(clip, gazing_ratio=0.75)  # noqa: E731
+            elif wl == "tiles45":
+                fn = lambda: model.generate(tiles, gazing_ratio=0.75, task_loss_requirement=0.7)  # noqa: E731
+            elif wl == "stream":
+                def fn():
+                    s = model.stream(batch_size=1, gazing_ratio=0.75, task_loss_requirement=0.7)
+                    per = []
+                    for t in range(clip.shape[1]):
+                        t0 = time.perf_counter()
+                        s.step(clip[:, t : t + 1])
+                        per.append(time.perf_counter() - t0)
+                    return statistics.median(per)
+            else:
+                raise SystemExit(f"unknown workload {wl!r}")
+            sec, out = _median_time(fn, repeat)
+            if wl == "stream":
+                sec = out  # the median per-frame latency of the last run
+                slots = None
+            else:
+                slots = int(out.num_gazing_each_frame.sum()) * out.batch_size
+                tokens = out.gazing_pos
+            rows.append({"backend": name, "device": dev, "workload": wl, "seconds": sec, "slots": slots,
+                         "tokens_sha": None if wl == "stream" else _digest(tokens)})
+            print(f"  {name:9s} {wl:8s} {sec * 1e3:10.2f} ms  slots={slots}", flush=True)
+    return rows
+
+
+def _digest(x: np.ndarray) -> str:
+    import hashlib
+
+    return hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest()[:12]
+
+
+def print_table(rows: list[dict]) -> None:
+    base = {r["workload"]: r["seconds"] for r in rows if r["backend"] == "reference"}
+    print(f"\n{'backend':10s} {'workload':9s} {'median':>11s} {'vs reference':>13s} {'slots':>7s} tokens")
+    for r in rows:
+        ratio = base.get(r["workload"], float("nan")) / r["seconds"]
+        ref_sha = next((x["tokens_sha"] for x in rows if x["backend"] == "reference" and x["workload"] == r["workload"]), None)
+        same = "" if r["tokens_sha"] is None or ref_sha is None else ("same as reference" if r["tokens_sha"] == ref_sha else "DIFFERENT")
+        print(f"{r['backend']:10s} {r['workload']:9s} {r['seconds'] * 1e3:9.2f}ms {ratio:12.1f}x {str(r['slots'] or ''):>7s} {same}")
+    print(f"devices: {sorted({r['backend'] + ': ' + r['device'] for r in rows})}")
+
+
+def main(argv=None) -> int:
+    import autogaze_wgpu as ag
+
+    p = argparse.ArgumentParser(prog="python -m autogaze_wgpu.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="model dir (default: a random-weight model in the released format)")
+    p.add_argument("--backends", default=",".join(ag.available_backends()))
+    p.add_argument("--device", help="torch device for the reference/torch backends (default: cuda if available)")
+    p.add_argument("--workloads", default="clip,no-stop,tiles45,stream")
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--json", help="write the rows to this file")
+    args = p.parse_args(argv)
+    if args.model:
+        model_dir = Path(args.model)
+    else:
+        from autogaze_wgpu.testing import random_model
+
+        model_dir = random_model(Path(tempfile.mkdtemp()) / "model", seed=0)
+    device = args.device
+    if device is None:
+        try:
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        except ImportError:
+            device = None
+    backends = [b for b in args.backends.split(",") if b]
+    if "reference" in backends:  # the baseline goes first
+        backends.remove("reference")
+        backends.insert(0, "reference")
+    print(f"model: {model_dir}; backends: {backends}; device: {device}; repeat: {args.repeat}")
+    rows = run(model_dir, backends, device, args.repeat, args.workloads.split(","))
+    print_table(rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

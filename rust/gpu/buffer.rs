@@ -1,0 +1,361 @@
+//! Buffers, per-dispatch parameter blocks, bind groups and command recording.
+//!
+//! * Storage buffers are created through [`GpuContext::storage`] and friends, which check
+//!   the adapter's binding limits and round sizes up.
+//! * Every kernel's first binding is a small uniform parameter block. All blocks of one call
+//!   live in one [`ParamArena`] buffer and are selected with a dynamic offset, so bind groups
+//!   do not depend on parameters and can be built once and reused. Identical blocks are
+//!   stored once.
+//! * [`BindGroupBuilder`] binds buffers by index (`.bind(1, &w).bind(2, &b).build()`) and
+//!   checks the set against the bindings the kernel declares.
+//! * [`Recorder`] wraps a compute pass and counts dispatches.
+
+use std::collections::HashMap;
+
+use bytemuck::Pod;
+use wgpu::util::DeviceExt;
+
+use crate::error::{Error, Result};
+
+use super::context::GpuContext;
+use super::pipeline::{BindingKind, Kernel};
+
+/// Size reserved for one parameter block (every params struct is at most this big).
+pub const PARAMS_BLOCK: u64 = 256;
+
+fn round_size(bytes: u64) -> u64 {
+    bytes.max(16).div_ceil(16) * 16
+}
+
+impl GpuContext {
+    fn check_size(&self, label: &str, bytes: u64) -> Result<()> {
+        if bytes > self.max_binding() {
+            return Err(Error::Device(format!(
+                "buffer `{label}` needs {bytes} bytes, more than this adapter's largest storage \
+                 binding ({} bytes, {}); use a smaller batch or fewer frames per call",
+                self.max_binding(),
+                self.info.name
+            )));
+        }
+        Ok(())
+    }
+
+    /// An uninitialised (zeroed) storage buffer of at least `bytes` bytes.
+    pub fn storage(&self, label: &str, bytes: u64) -> Result<wgpu::Buffer> {
+        let size = round_size(bytes);
+        self.check_size(label, size)?;
+        self.scoped(&format!("allocating `{label}`"), || {
+            Ok(self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size,
+                usage: wgpu::BufferUsages::STORAGE
+                    | wgpu::BufferUsages::COPY_DST
+                    | wgpu::BufferUsages::COPY_SRC,
+                mapped_at_creation: false,
+            }))
+        })
+    }
+
+    /// A storage buffer holding `data` (padded with zeros to a multiple of 16 bytes).
+    pub fn storage_init<T: Pod>(&self, label: &str, data: &[T]) -> Result<wgpu::Buffer> {
+        let mut bytes = bytemuck::cast_slice::<T, u8>(data).to_vec();
+        bytes.resize(round_size(bytes.len() as u64) as usize, 0);
+        self.check_size(label, bytes.len() as u64)?;
+        self.scoped(&format!("uploading `{label}`"), || {
+            Ok(self
+                .device
+                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                    label: Some(label),
+                    contents: &bytes,
+                    usage: wgpu::BufferUsages::STORAGE
+                        | wgpu::BufferUsages::COPY_DST
+                        | wgpu::BufferUsages::COPY_SRC,
+                }))
+        })
+    }
+
+    /// A MAP_READ buffer for readbacks.
+    pub fn staging(&self, label: &str, bytes: u64) -> Result<wgpu::Buffer> {
+        let size = round_size(bytes);
+        self.scoped(&format!("allocating `{label}`"), || {
+            Ok(self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size,
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            }))
+        })
+    }
+
+    /// Copies `bytes` bytes at `offset` of `src` back to the CPU (one submit, one wait).
+    pub fn read_buffer(&self, src: &wgpu::Buffer, offset: u64, bytes: u64) -> Result<Vec<u8>> {
+        let bytes4 = bytes.div_ceil(4) * 4;
+        let staging = self.staging("readback", bytes4)?;
+        self.scoped("reading a buffer back", || {
+            let mut enc = self
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
+            enc.copy_buffer_to_buffer(src, offset, &staging, 0, bytes4);
+            self.queue.submit([enc.finish()]);
+            Ok(())
+        })?;
+        let mut v = self.read_staging(&staging, bytes4)?;
+        v.truncate(bytes as usize);
+        Ok(v)
+    }
+
+    /// [`read_buffer`](Self::read_buffer) as f32 values.
+    pub fn read_f32(&self, src: &wgpu::Buffer, offset_elems: u64, n: usize) -> Result<Vec<f32>> {
+        let b = self.read_buffer(src, offset_elems * 4, n as u64 * 4)?;
+        Ok(bytemuck::pod_collect_to_vec(&b))
+    }
+
+    /// [`read_buffer`](Self::read_buffer) as u32 values.
+    pub fn read_u32(&self, src: &wgpu::Buffer, offset_elems: u64, n: usize) -> Result<Vec<u32>> {
+        let b = self.read_buffer(src, offset_elems * 4, n as u64 * 4)?;
+        Ok(bytemuck::pod_collect_to_vec(&b))
+    }
+
+    /// Writes `data` at element offset `offset_elems` of `dst` (queued before the next submit).
+    pub fn write<T: Pod>(&self, dst: &wgpu::Buffer, offset_elems: u64, data: &[T]) {
+        if !data.is_empty() {
+            let off = offset_elems * std::mem::size_of::<T>() as u64;
+            let bytes = bytemuck::cast_slice::<T, u8>(data);
+            // write_buffer needs a multiple of 4 bytes; all our element types are 4 bytes.
+            self.queue.write_buffer(dst, off, bytes);
+        }
+    }
+}
+
+/// One uniform buffer holding every parameter block of a call, addressed by dynamic offsets.
+pub struct ParamArena {
+    pub buffer: wgpu::Buffer,
+    align: u64,
+    capacity: u64,
+    data: Vec<u8>,
+    index: HashMap<Vec<u8>, u32>,
+}
+
+impl ParamArena {
+    /// An arena for up to `blocks` distinct parameter blocks.
+    pub fn new(ctx: &GpuContext, blocks: usize) -> Result<Self> {
+        let align = (ctx.limits.min_uniform_buffer_offset_alignment as u64).max(PARAMS_BLOCK);
+        let capacity = align * blocks.max(1) as u64;
+        let buffer = ctx.scoped("allocating the parameter arena", || {
+            Ok(ctx.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("params"),
+                size: capacity,
+                usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            }))
+        })?;
+        Ok(Self {
+            buffer,
+            align,
+            capacity,
+            data: Vec::new(),
+            index: HashMap::new(),
+        })
+    }
+
+    /// Forgets all blocks (start of a new call).
+    pub fn clear(&mut self) {
+        self.data.clear();
+        self.index.clear();
+    }
+
+    /// Stores a block (or finds an identical one) and returns its dynamic offset.
+    pub fn push<P: Pod>(&mut self, params: &P) -> Result<u32> {
+        let bytes = bytemuck::bytes_of(params);
+        if bytes.len() as u64 > PARAMS_BLOCK {
+            return Err(Error::Backend(format!(
+                "parameter block of {} bytes exceeds {PARAMS_BLOCK}",
+                bytes.len()
+            )));
+        }
+        if let Some(off) = self.index.get(bytes) {
+            return Ok(*off);
+        }
+        let off = self.data.len() as u64;
+        if off + self.align > self.capacity {
+            return Err(Error::Backend(
+                "parameter arena is full (internal sizing error)".into(),
+            ));
+        }
+        self.data.extend_from_slice(bytes);
+        self.data.resize((off + self.align) as usize, 0);
+        self.index.insert(bytes.to_vec(), off as u32);
+        Ok(off as u32)
+    }
+
+    /// Queues the blocks for upload (call before submitting the recorded commands).
+    pub fn upload(&self, ctx: &GpuContext) {
+        if !self.data.is_empty() {
+            ctx.queue.write_buffer(&self.buffer, 0, &self.data);
+        }
+    }
+}
+
+/// Builds a bind group for a kernel: `.bind(1, &a).bind(2, &b).build()`.
+pub struct BindGroupBuilder<'a> {
+    ctx: &'a GpuContext,
+    kernel: &'a Kernel,
+    params: &'a wgpu::Buffer,
+    entries: Vec<(u32, wgpu::BufferBinding<'a>)>,
+}
+
+impl<'a> BindGroupBuilder<'a> {
+    pub fn new(ctx: &'a GpuContext, kernel: &'a Kernel, arena: &'a ParamArena) -> Self {
+        Self {
+            ctx,
+            kernel,
+            params: &arena.buffer,
+            entries: Vec::new(),
+        }
+    }
+
+    /// Binds a whole buffer at `binding`.
+    pub fn bind(mut self, binding: u32, buffer: &'a wgpu::Buffer) -> Self {
+        self.entries.push((
+            binding,
+            wgpu::BufferBinding {
+                buffer,
+                offset: 0,
+                size: None,
+            },
+        ));
+        self
+    }
+
+    pub fn build(self) -> Result<wgpu::BindGroup> {
+        let mut entries = Vec::new();
+        for (n, kind) in &self.kernel.bindings {
+            if *kind == BindingKind::Params {
+                entries.push(wgpu::BindGroupEntry {
+                    binding: *n,
+                    resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                        buffer: self.params,
+                        offset: 0,
+                        size: std::num::NonZeroU64::new(PARAMS_BLOCK),
+                    }),
+                });
+                continue;
+            }
+            let b = self.entries.iter().find(|(m, _)| m == n).ok_or_else(|| {
+                Error::Backend(format!(
+                    "kernel {}::{} binding {n} not bound",
+                    self.kernel.key.shader, self.kernel.key.entry
+                ))
+            })?;
+            entries.push(wgpu::BindGroupEntry {
+                binding: *n,
+                resource: wgpu::BindingResource::Buffer(b.1.clone()),
+            });
+        }
+        if let Some((n, _)) = self
+            .entries
+            .iter()
+            .find(|(n, _)| !self.kernel.bindings.iter().any(|(m, _)| m == n))
+        {
+            return Err(Error::Backend(format!(
+                "kernel {}::{} has no binding {n}",
+                self.kernel.key.shader, self.kernel.key.entry
+            )));
+        }
+        let ctx = self.ctx;
+        let layout = &self.kernel.layout;
+        ctx.scoped("creating a bind group", || {
+            Ok(ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some(self.kernel.key.entry),
+                layout,
+                entries: &entries,
+            }))
+        })
+    }
+}
+
+/// Commands being recorded: compute dispatches (in one pass until a copy or clear splits
+/// it), with the parameter arena and a dispatch counter.
+pub struct Recorder<'a> {
+    // Field order matters: the pass must end (drop) before the encoder.
+    pass: Option<wgpu::ComputePass<'static>>,
+    encoder: wgpu::CommandEncoder,
+    pub arena: &'a mut ParamArena,
+    pub dispatches: usize,
+    pub passes: usize,
+    max_groups: u32,
+}
+
+impl<'a> Recorder<'a> {
+    pub fn new(ctx: &GpuContext, arena: &'a mut ParamArena) -> Self {
+        arena.clear();
+        let encoder = ctx
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
+        Self {
+            encoder,
+            pass: None,
+            arena,
+            dispatches: 0,
+            passes: 0,
+            max_groups: ctx.limits.max_compute_workgroups_per_dimension,
+        }
+    }
+
+    fn pass(&mut self) -> &mut wgpu::ComputePass<'static> {
+        let encoder = &mut self.encoder;
+        let passes = &mut self.passes;
+        self.pass.get_or_insert_with(|| {
+            *passes += 1;
+            encoder
+                .begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: Some("autogaze"),
+                    timestamp_writes: None,
+                })
+                .forget_lifetime()
+        })
+    }
+
+    /// Records one dispatch of `kernel` with its bind group and parameter block.
+    pub fn dispatch<P: Pod>(
+        &mut self,
+        kernel: &Kernel,
+        bind_group: &wgpu::BindGroup,
+        params: &P,
+        groups: [u32; 3],
+    ) -> Result<()> {
+        if groups.contains(&0) {
+            return Ok(());
+        }
+        if groups.iter().any(|g| *g > self.max_groups) {
+            return Err(Error::Device(format!(
+                "{}::{} needs {:?} workgroups, more than this adapter allows per dimension ({})",
+                kernel.key.shader, kernel.key.entry, groups, self.max_groups
+            )));
+        }
+        let off = self.arena.push(params)?;
+        let pass = self.pass();
+        pass.set_pipeline(&kernel.pipeline);
+        pass.set_bind_group(0, bind_group, &[off]);
+        pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
+        self.dispatches += 1;
+        Ok(())
+    }
+
+    /// The encoder, for copies and clears (ends the current compute pass).
+    pub fn encoder(&mut self) -> &mut wgpu::CommandEncoder {
+        self.pass = None;
+        &mut self.encoder
+    }
+
+    /// Ends recording: uploads the parameter blocks and submits (inside error scopes).
+    pub fn submit(mut self, ctx: &GpuContext) -> Result<()> {
+        self.pass = None;
+        let Recorder { encoder, arena, .. } = self;
+        ctx.scoped("submitting GPU commands", || {
+            arena.upload(ctx);
+            ctx.queue.submit([encoder.finish()]);
+            Ok(())
+        })
+    }
+}

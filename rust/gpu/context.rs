@@ -1,0 +1,231 @@
+//! The GPU device: adapter/device creation, limits, error capture, submit and readback.
+//!
+//! One [`GpuContext`] owns the wgpu device and queue, the pipeline cache and the
+//! device-lost/uncaptured-error state. Every fallible GPU operation of the crate goes through
+//! it so that wgpu errors (validation, out of memory, device lost) become [`Error`] values
+//! instead of panics: resource creation and command recording run inside error scopes
+//! ([`GpuContext::scoped`]), and an uncaptured-error handler plus a device-lost callback
+//! record anything that escapes them.
+
+use std::sync::{Arc, Mutex};
+
+use crate::error::{Error, Result};
+
+use super::pipeline::PipelineCache;
+
+/// Adapter facts the engine plans with (all queried, never assumed).
+#[derive(Debug, Clone)]
+pub struct DeviceInfo {
+    pub name: String,
+    pub backend: String,
+    pub device_type: String,
+    pub driver: String,
+    /// Smallest subgroup size the adapter reports (8 on lavapipe, 32 on NVIDIA).
+    pub subgroup_min_size: u32,
+    pub subgroup_max_size: u32,
+    /// Whether the device was created with `SHADER_F16` / `SUBGROUP` (not used by the f32
+    /// kernels; reported for optional fast paths).
+    pub shader_f16: bool,
+    pub subgroups: bool,
+    pub timestamp_query: bool,
+}
+
+/// Shared, thread-safe record of errors wgpu reports outside an error scope and of device loss.
+#[derive(Default)]
+struct Health {
+    lost: Option<String>,
+    uncaptured: Option<String>,
+}
+
+/// The wgpu device plus everything needed to run kernels on it.
+pub struct GpuContext {
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub limits: wgpu::Limits,
+    pub info: DeviceInfo,
+    pub(crate) pipelines: PipelineCache,
+    health: Arc<Mutex<Health>>,
+}
+
+impl std::fmt::Debug for GpuContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuContext")
+            .field("info", &self.info)
+            .finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding this lock cannot leave `Health` inconsistent: recover the guard.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl GpuContext {
+    /// Creates a device on the best adapter (high-performance preference).
+    ///
+    /// The device is requested with the adapter's own limits (so storage bindings may be as
+    /// large as the hardware allows) and with `SHADER_F16`, `SUBGROUP` and `TIMESTAMP_QUERY`
+    /// when the adapter has them; no kernel requires them.
+    pub fn new() -> Result<Self> {
+        let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+        // Our indirect-free command streams need no indirect-call validation; keep the
+        // environment's choice otherwise.
+        desc.flags
+            .remove(wgpu::InstanceFlags::VALIDATION_INDIRECT_CALL);
+        let instance = wgpu::Instance::new(desc);
+        let adapter = pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions {
+            power_preference: wgpu::PowerPreference::HighPerformance,
+            force_fallback_adapter: false,
+            compatible_surface: None,
+            apply_limit_buckets: false,
+        }))
+        .map_err(|e| {
+            Error::Device(format!(
+                "no GPU adapter found ({e}); install a Vulkan, Metal or DX12 driver \
+                 (on Linux without a GPU: mesa-vulkan-drivers for lavapipe)"
+            ))
+        })?;
+        Self::from_adapter(adapter)
+    }
+
+    /// Creates the device on a given adapter.
+    pub fn from_adapter(adapter: wgpu::Adapter) -> Result<Self> {
+        let ainfo = adapter.get_info();
+        let afeat = adapter.features();
+        let wanted =
+            wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP | wgpu::Features::TIMESTAMP_QUERY;
+        let features = afeat & wanted;
+        let limits = adapter.limits();
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("autogaze"),
+            required_features: features,
+            required_limits: limits.clone(),
+            experimental_features: wgpu::ExperimentalFeatures::disabled(),
+            memory_hints: wgpu::MemoryHints::Performance,
+            trace: wgpu::Trace::Off,
+        }))
+        .map_err(|e| Error::Device(format!("cannot create a device on {}: {e}", ainfo.name)))?;
+
+        let health = Arc::new(Mutex::new(Health::default()));
+        {
+            let h = health.clone();
+            device.set_device_lost_callback(move |reason, msg| {
+                if reason != wgpu::DeviceLostReason::Destroyed {
+                    lock(&h).lost = Some(format!("GPU device lost ({reason:?}): {msg}"));
+                }
+            });
+            let h = health.clone();
+            device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+                let mut g = lock(&h);
+                if g.uncaptured.is_none() {
+                    g.uncaptured = Some(e.to_string());
+                }
+            }));
+        }
+        let limits = device.limits();
+        let info = DeviceInfo {
+            name: ainfo.name.clone(),
+            backend: format!("{:?}", ainfo.backend),
+            device_type: format!("{:?}", ainfo.device_type),
+            driver: format!("{} {}", ainfo.driver, ainfo.driver_info),
+            subgroup_min_size: ainfo.subgroup_min_size,
+            subgroup_max_size: ainfo.subgroup_max_size,
+            shader_f16: features.contains(wgpu::Features::SHADER_F16),
+            subgroups: features.contains(wgpu::Features::SUBGROUP),
+            timestamp_query: features.contains(wgpu::Features::TIMESTAMP_QUERY),
+        };
+        Ok(Self {
+            device,
+            queue,
+            limits,
+            info,
+            pipelines: PipelineCache::default(),
+            health,
+        })
+    }
+
+    /// Fails if the device was lost or an error escaped every error scope.
+    pub fn check_health(&self) -> Result<()> {
+        let g = lock(&self.health);
+        if let Some(m) = &g.lost {
+            return Err(Error::Device(m.clone()));
+        }
+        if let Some(m) = &g.uncaptured {
+            return Err(Error::Backend(format!("GPU error: {m}")));
+        }
+        Ok(())
+    }
+
+    /// Runs `f` inside out-of-memory and validation error scopes and maps what they catch
+    /// (`what` names the operation in the message).
+    pub fn scoped<T>(&self, what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        self.check_health()?;
+        let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let val = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let out = f();
+        let verr = pollster::block_on(val.pop());
+        let merr = pollster::block_on(oom.pop());
+        if let Some(e) = merr {
+            return Err(Error::Device(format!(
+                "out of GPU memory while {what}: {e}"
+            )));
+        }
+        if let Some(e) = verr {
+            return Err(Error::Backend(format!(
+                "GPU validation error while {what}: {e}"
+            )));
+        }
+        self.check_health()?;
+        out
+    }
+
+    /// Waits for all submitted work.
+    pub fn wait(&self) -> Result<()> {
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::Device(format!("waiting for the GPU failed: {e}")))?;
+        self.check_health()
+    }
+
+    /// Maps `staging` (a MAP_READ buffer) after the submitted work is done and copies
+    /// `bytes` bytes out.
+    pub fn read_staging(&self, staging: &wgpu::Buffer, bytes: u64) -> Result<Vec<u8>> {
+        if bytes == 0 {
+            return Ok(Vec::new());
+        }
+        let slot: Arc<Mutex<Option<std::result::Result<(), wgpu::BufferAsyncError>>>> =
+            Arc::new(Mutex::new(None));
+        let s2 = slot.clone();
+        staging.map_async(wgpu::MapMode::Read, 0..bytes, move |r| {
+            *lock(&s2) = Some(r);
+        });
+        self.wait()?;
+        let res = lock(&slot).take();
+        match res {
+            Some(Ok(())) => {}
+            Some(Err(e)) => {
+                return Err(Error::Device(format!("reading results back failed: {e}")));
+            }
+            None => {
+                return Err(Error::Device(
+                    "reading results back did not complete".into(),
+                ));
+            }
+        }
+        let out = {
+            let view = staging
+                .get_mapped_range(0..bytes)
+                .map_err(|e| Error::Backend(format!("mapping the readback buffer failed: {e}")))?;
+            view.to_vec()
+        };
+        staging.unmap();
+        Ok(out)
+    }
+
+    /// Largest size a single storage binding may have on this device.
+    pub fn max_binding(&self) -> u64 {
+        self.limits
+            .max_storage_buffer_binding_size
+            .min(self.limits.max_buffer_size)
+    }
+}

@@ -1,0 +1,1553 @@
+//! The model on the GPU: weights uploaded once, preallocated workspaces, `embed`,
+//! GPU-resident `generate`, streaming sessions.
+//!
+//! Data flow of one clip (see ARCHITECTURE.md):
+//!
+//! 1. vision (per chunk of frames, all batch rows at once): [bicubic resize] -> patchify GEMM
+//!    -> LayerNorm into the causal-conv ring -> 3x3x3 conv GEMM + ReLU -> 1x1 conv GEMM
+//!    + bias + pos_embed = `vis`;
+//! 2. per frame: the prefill forward (the previous frame's un-run last step + 196 vision
+//!    tokens), the heads at the last slot, one selection step; then `ceil(M/10) - 1` decode
+//!    forwards of 10 tokens, each followed by heads and selection. Every kernel of a decode
+//!    step returns at once when the frame is already done (`S_DONE` in the `gen` buffer), so
+//!    the command stream is fixed on the CPU while the step count stays data-dependent on
+//!    the GPU;
+//! 3. one readback of the `out` buffer (tokens and frame lengths) per clip, or per frame in a
+//!    streaming session.
+//!
+//! The whole clip is one submit (several only when the frames do not fit the adapter's
+//! buffer limits at once, one per chunk of frames).
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use crate::config::AutoGazeConfig;
+use crate::error::{Error, Result};
+use crate::weights::Weights;
+
+use super::buffer::{ParamArena, Recorder};
+use super::context::GpuContext;
+use super::ops::attention::{Attention, AttnParams};
+use super::ops::layernorm::{LayerNorm, LnShape};
+use super::ops::matmul::{ALoad, Epi, Extra, Matmul, MatmulParams, MatmulSpec, Tile};
+use super::ops::resize::Bicubic;
+use super::ops::select::{Select, SelectParams, layout};
+use super::rope;
+
+/// Keys per attention chunk in a prefill forward.
+const CHUNK_PRE: usize = 256;
+/// Keys per attention chunk in a decode step.
+const CHUNK_DEC: usize = 128;
+/// Extra KV-cache slots beyond the frames' tokens (the plan of the frame after the last).
+const CAP_SLACK: usize = 224;
+
+/// Where the fixtures live: `$AUTOGAZE_FIXTURES`, else `<crate>/../shared/fixtures/official`.
+pub fn fixtures_dir() -> PathBuf {
+    match std::env::var_os("AUTOGAZE_FIXTURES") {
+        Some(p) => PathBuf::from(p),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/official"),
+    }
+}
+
+/// Generation settings (SPEC §5).
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateParams {
+    /// Gazing ratio of each frame (len T); budget M = max(1, floor(f32(ratio) * 265)).
+    pub gazing_ratio_each_frame: Vec<f32>,
+    /// Task-loss requirement (None: no task-loss stopping).
+    pub task_loss_requirement: Option<f32>,
+}
+
+/// Output of [`Engine::generate`] (SPEC §5 "Outputs").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GenerateOutput {
+    pub batch: usize,
+    /// [B, N]: token + 265 t (padded slots read 265 (t + 1)).
+    pub gazing_pos: Vec<i64>,
+    /// [B, N].
+    pub if_padded_gazing: Vec<bool>,
+    /// [T].
+    pub num_gazing_each_frame: Vec<usize>,
+}
+
+/// Output of one streaming step: the frame's tokens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepOutput {
+    pub batch: usize,
+    /// [B, n]: ids within the frame (0..265), pad = 265.
+    pub tokens: Vec<i64>,
+    /// [B, n].
+    pub if_padded: Vec<bool>,
+    /// n (shared by the batch).
+    pub num_gazing: usize,
+}
+
+/// Model sizes the kernels are launched with (from the config).
+#[derive(Debug, Clone, Copy)]
+struct Dims {
+    c: usize,
+    p: usize,
+    grid: usize,
+    img: usize,
+    ps: usize,
+    k: usize,
+    vocab: usize,
+    pad: usize,
+    /// Gaze targets per frame (265): the most slots a frame can have.
+    nv: usize,
+    heads: usize,
+    hd: usize,
+    ffn: usize,
+    layers: usize,
+    eps_rms: f32,
+    eps_ln: f32,
+}
+
+impl Dims {
+    fn from_config(cfg: &AutoGazeConfig) -> Result<Self> {
+        let d = &cfg.decoder;
+        let v = &cfg.vision;
+        let bad = |m: String| Err(Error::config("config.json", m));
+        if v.depth != 1 || v.temporal_patch_size != 1 {
+            return bad("the wgpu engine supports vision depth 1 and temporal_patch_size 1".into());
+        }
+        if v.trunk_temporal_kernel_size != 3 || v.trunk_spatial_kernel_size != 3 {
+            return bad("the wgpu engine supports 3x3x3 trunk convolutions only".into());
+        }
+        if v.hidden_dim != v.out_dim
+            || v.out_dim != d.hidden_size
+            || cfg.connector.hidden_dim != d.hidden_size
+        {
+            return bad(
+                "vision hidden/out dims, connector and decoder hidden size must be equal".into(),
+            );
+        }
+        if d.num_key_value_heads != d.num_attention_heads
+            || !d.head_dim.is_multiple_of(4)
+            || d.head_dim * d.num_attention_heads != d.hidden_size
+        {
+            return bad(
+                "the wgpu engine needs heads * head_dim = hidden_size, head_dim % 4 == 0, no GQA"
+                    .into(),
+            );
+        }
+        if d.hidden_act != "silu" {
+            return bad(format!("unsupported hidden_act {}", d.hidden_act));
+        }
+        let k = d.num_multi_token_pred;
+        let nv = cfg.num_vision_tokens_each_frame;
+        if k == 0
+            || k > 16
+            || nv + 1 != d.vocab_size
+            || d.eos_token_id != nv
+            || d.vocab_size > 320
+            || nv > layout::MAX_FRAME
+        {
+            return bad("the wgpu engine needs K <= 16, vocab = V + 1 <= 277 and eos = V".into());
+        }
+        let grid = cfg.patches_per_side();
+        if grid * grid != cfg.connector.num_tokens {
+            return bad("connector num_tokens must be (input_img_size / kernel_size)^2".into());
+        }
+        Ok(Self {
+            c: d.hidden_size,
+            p: cfg.connector.num_tokens,
+            grid,
+            img: cfg.input_img_size,
+            ps: v.kernel_size,
+            k,
+            vocab: d.vocab_size,
+            pad: d.eos_token_id,
+            nv,
+            heads: d.num_attention_heads,
+            hd: d.head_dim,
+            ffn: d.intermediate_size,
+            layers: d.num_hidden_layers,
+            eps_rms: d.rms_norm_eps as f32,
+            eps_ln: 1e-5,
+        })
+    }
+
+    fn nt_pre(&self) -> usize {
+        self.k + self.p
+    }
+    fn head_rows(&self) -> usize {
+        self.k * self.vocab + self.k
+    }
+    /// Budget M of a frame: max(1, floor(f32(ratio) * V)), at most V (exhaustion).
+    fn budget(&self, ratio: f32) -> usize {
+        let m = (ratio * self.nv as f32).floor();
+        let m = if m.is_finite() && m > 0.0 {
+            m as usize
+        } else {
+            0
+        };
+        m.clamp(1, self.nv)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct LayerOff {
+    in_g: usize,
+    qkv: usize,
+    o: usize,
+    post_g: usize,
+    gu: usize,
+    down: usize,
+}
+
+/// Offsets (in f32 elements) of every tensor in the packed weight buffer.
+#[derive(Debug, Clone)]
+struct Offsets {
+    patch_w: usize,
+    patch_b: usize,
+    ln_w: usize,
+    ln_b: usize,
+    conv_w: usize,
+    conv_b: usize,
+    out_w: usize,
+    out_b: usize,
+    pos: usize,
+    embed: usize,
+    layers: Vec<LayerOff>,
+    norm: usize,
+    head: usize,
+}
+
+/// Packs all weights into one f32 array with the layouts the kernels expect:
+/// conv3 weight as [out][tap][in]; q/k/v rows permuted so RoPE pairs are adjacent; gate/up
+/// rows interleaved; lm_head followed by the task-loss head.
+fn pack(cfg: &AutoGazeConfig, d: &Dims, w: &Weights) -> Result<(Vec<f32>, Offsets)> {
+    let mut buf: Vec<f32> = Vec::with_capacity(3_400_000);
+    let get = |name: &str| -> Result<&[f32]> {
+        let full = format!("{}{name}", crate::weights::PREFIX);
+        let t = w.get(&full)?;
+        Ok(&t.data)
+    };
+    let check = |name: &str, data: &[f32], n: usize| -> Result<()> {
+        if data.len() != n {
+            return Err(Error::weights(
+                &w.source,
+                format!("{name}: {} values, expected {n}", data.len()),
+            ));
+        }
+        Ok(())
+    };
+    let push = |buf: &mut Vec<f32>, name: &str, n: usize| -> Result<usize> {
+        let data = get(name)?;
+        check(name, data, n)?;
+        let off = buf.len();
+        buf.extend_from_slice(data);
+        Ok(off)
+    };
+    let c = d.c;
+    let vm = "vision_model.";
+    let patch_w = push(
+        &mut buf,
+        &format!("{vm}temporal_conv.weight"),
+        c * 3 * d.ps * d.ps,
+    )?;
+    let patch_b = push(&mut buf, &format!("{vm}temporal_conv.bias"), c)?;
+    let ln_w = push(&mut buf, &format!("{vm}norm.weight"), c)?;
+    let ln_b = push(&mut buf, &format!("{vm}norm.bias"), c)?;
+    let conv_w = {
+        let name = format!("{vm}blocks.0.conv3d.weight");
+        let src = get(&name)?;
+        check(&name, src, c * c * 27)?;
+        let off = buf.len();
+        buf.resize(off + c * c * 27, 0.0);
+        for o in 0..c {
+            for i in 0..c {
+                for tap in 0..27 {
+                    buf[off + (o * 27 + tap) * c + i] = src[(o * c + i) * 27 + tap];
+                }
+            }
+        }
+        off
+    };
+    let conv_b = push(&mut buf, &format!("{vm}blocks.0.conv3d.bias"), c)?;
+    let out_w = push(&mut buf, &format!("{vm}out_proj.weight"), c * c)?;
+    let out_b = push(&mut buf, &format!("{vm}out_proj.bias"), c)?;
+    let pos = push(&mut buf, "connector.pos_embed", d.p * c)?;
+    let gd = "gaze_decoder.model.";
+    let embed = push(&mut buf, &format!("{gd}embed_tokens.weight"), d.vocab * c)?;
+    let mut layers = Vec::new();
+    for l in 0..d.layers {
+        let pre = format!("{gd}layers.{l}.");
+        let in_g = push(&mut buf, &format!("{pre}input_layernorm.weight"), c)?;
+        let qkv = {
+            let q = get(&format!("{pre}self_attn.q_proj.weight"))?;
+            let k = get(&format!("{pre}self_attn.k_proj.weight"))?;
+            let v = get(&format!("{pre}self_attn.v_proj.weight"))?;
+            for (n, t) in [("q_proj", q), ("k_proj", k), ("v_proj", v)] {
+                check(n, t, c * c)?;
+            }
+            let off = buf.len();
+            for r in 0..3 * c {
+                let (sec, wi) = (r / c, r % c);
+                let (h, e) = (wi / d.hd, wi % d.hd);
+                let orig = h * d.hd + e / 2 + (e % 2) * (d.hd / 2);
+                let src = [q, k, v][sec];
+                buf.extend_from_slice(&src[orig * c..(orig + 1) * c]);
+            }
+            off
+        };
+        let o = push(&mut buf, &format!("{pre}self_attn.o_proj.weight"), c * c)?;
+        let post_g = push(
+            &mut buf,
+            &format!("{pre}post_attention_layernorm.weight"),
+            c,
+        )?;
+        let gu = {
+            let g = get(&format!("{pre}mlp.gate_proj.weight"))?;
+            let u = get(&format!("{pre}mlp.up_proj.weight"))?;
+            check("gate_proj", g, d.ffn * c)?;
+            check("up_proj", u, d.ffn * c)?;
+            let off = buf.len();
+            for j in 0..d.ffn {
+                buf.extend_from_slice(&g[j * c..(j + 1) * c]);
+                buf.extend_from_slice(&u[j * c..(j + 1) * c]);
+            }
+            off
+        };
+        let down = push(&mut buf, &format!("{pre}mlp.down_proj.weight"), c * d.ffn)?;
+        layers.push(LayerOff {
+            in_g,
+            qkv,
+            o,
+            post_g,
+            gu,
+            down,
+        });
+    }
+    let norm = push(&mut buf, &format!("{gd}norm.weight"), c)?;
+    let head = push(&mut buf, "gaze_decoder.lm_head.weight", d.k * d.vocab * c)?;
+    push(
+        &mut buf,
+        "gaze_decoder.task_loss_prediction_head.weight",
+        d.k * c,
+    )?;
+    let _ = cfg;
+    Ok((
+        buf,
+        Offsets {
+            patch_w,
+            patch_b,
+            ln_w,
+            ln_b,
+            conv_w,
+            conv_b,
+            out_w,
+            out_b,
+            pos,
+            embed,
+            layers,
+            norm,
+            head,
+        },
+    ))
+}
+
+/// The decoder kernels of one phase (prefill: large tiles; decode: small tiles, skip when
+/// the frame is done).
+struct PhaseOps {
+    qkv0: Matmul,
+    qkv: Matmul,
+    attn: Attention,
+    oproj: Matmul,
+    gateup: Matmul,
+    down: Matmul,
+    head: Matmul,
+}
+
+impl PhaseOps {
+    fn new(ctx: &GpuContext, tile: Tile, head_dim: usize, qt: u32) -> Result<Self> {
+        Ok(Self {
+            attn: Attention::new(ctx, head_dim, qt)?,
+            qkv0: Matmul::new(ctx, MatmulSpec::new(ALoad::Embed, Epi::Qkv, tile))?,
+            qkv: Matmul::new(ctx, MatmulSpec::new(ALoad::Rms, Epi::Qkv, tile))?,
+            oproj: Matmul::new(
+                ctx,
+                MatmulSpec::new(ALoad::Plain, Epi::Residual, tile).dec(),
+            )?,
+            gateup: Matmul::new(ctx, MatmulSpec::new(ALoad::Rms, Epi::Swiglu, tile).dec())?,
+            down: Matmul::new(
+                ctx,
+                MatmulSpec::new(ALoad::Plain, Epi::Residual, tile).dec(),
+            )?,
+            head: Matmul::new(
+                ctx,
+                MatmulSpec::new(ALoad::Rms, Epi::Store, Tile::Small)
+                    .last()
+                    .dec(),
+            )?,
+        })
+    }
+}
+
+struct Ops {
+    bicubic: Bicubic,
+    patch: Matmul,
+    ln: LayerNorm,
+    conv: Matmul,
+    outp: Matmul,
+    pre: PhaseOps,
+    step: PhaseOps,
+    select: Select,
+}
+
+/// Capacities a workspace is allocated for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct WsSpec {
+    batch: usize,
+    /// Frames per vision chunk.
+    frames: usize,
+    /// Frames in the LayerNorm ring (frames + 2, or 3 for streaming).
+    ring: usize,
+    /// Input frame size (h, w); (img, img) needs no resize buffer.
+    in_hw: (usize, usize),
+    /// KV-cache capacity per row.
+    cap: usize,
+    /// Frames the `out` buffer holds.
+    out_frames: usize,
+    /// Decode steps the debug buffer holds (0: none).
+    debug_steps: usize,
+}
+
+impl WsSpec {
+    fn fits(&self, need: &WsSpec) -> bool {
+        self.batch >= need.batch
+            && self.frames >= need.frames
+            && self.ring >= need.ring
+            && self.in_hw == need.in_hw
+            && self.cap >= need.cap
+            && self.out_frames >= need.out_frames
+            && self.debug_steps >= need.debug_steps
+    }
+}
+
+struct PhaseBgs {
+    qkv: Vec<wgpu::BindGroup>,
+    attn: Vec<wgpu::BindGroup>,
+    oproj: Vec<wgpu::BindGroup>,
+    gateup: Vec<wgpu::BindGroup>,
+    down: Vec<wgpu::BindGroup>,
+    head: wgpu::BindGroup,
+}
+
+/// Every buffer and bind group one call (or one streaming session) needs, plus the
+/// parameter arena (kept apart so recording can borrow both).
+struct Workspace {
+    arena: ParamArena,
+    r: Res,
+}
+
+struct Res {
+    spec: WsSpec,
+    pix: Option<wgpu::Buffer>,
+    img: wgpu::Buffer,
+    lnw: wgpu::Buffer,
+    state: wgpu::Buffer,
+    kvmask: wgpu::Buffer,
+    out: wgpu::Buffer,
+    out_staging: wgpu::Buffer,
+    debug: wgpu::Buffer,
+    vis: wgpu::Buffer,
+    bg_resize: Option<wgpu::BindGroup>,
+    bg_patch: wgpu::BindGroup,
+    bg_ln: wgpu::BindGroup,
+    bg_conv: wgpu::BindGroup,
+    bg_outp: wgpu::BindGroup,
+    bg_select: wgpu::BindGroup,
+    pre: PhaseBgs,
+    step: PhaseBgs,
+    // Kept alive for the bind groups.
+    _keep: Vec<wgpu::Buffer>,
+}
+
+fn out_words(spec: &WsSpec, d: &Dims) -> usize {
+    spec.out_frames + spec.batch * spec.out_frames * d.nv
+}
+
+impl Workspace {
+    fn new(
+        ctx: &GpuContext,
+        ops: &Ops,
+        d: &Dims,
+        wts: &wgpu::Buffer,
+        inv_freq: &[f32],
+        spec: WsSpec,
+    ) -> Result<Self> {
+        let f = 4u64;
+        let b = spec.batch;
+        let c = d.c;
+        let frames_px = b * spec.frames;
+        let arena = ParamArena::new(ctx, 64 + 48 * spec.out_frames.max(1))?;
+        let resize = spec.in_hw != (d.img, d.img);
+        let pix = if resize {
+            Some(ctx.storage(
+                "pixels",
+                (frames_px * 3 * spec.in_hw.0 * spec.in_hw.1) as u64 * f,
+            )?)
+        } else {
+            None
+        };
+        let img = ctx.storage("model input", (frames_px * 3 * d.img * d.img) as u64 * f)?;
+        let tok_bytes = (frames_px * d.p * c) as u64 * f;
+        let feat = ctx.storage("patch features", tok_bytes)?;
+        let lnw = ctx.storage("layernorm ring", (b * spec.ring * d.p * c) as u64 * f)?;
+        let conv = ctx.storage("conv features", tok_bytes)?;
+        let vis = ctx.storage("vision embeds", tok_bytes)?;
+        let ntp = d.nt_pre();
+        let x = ctx.storage("x", (b * ntp * c) as u64 * f)?;
+        let q = ctx.storage("q", (b * ntp * c) as u64 * f)?;
+        let h = ctx.storage("mlp hidden", (b * ntp * d.ffn) as u64 * f)?;
+        let nch_pre = spec.cap.div_ceil(CHUNK_PRE);
+        let nch_dec = spec.cap.div_ceil(CHUNK_DEC);
+        let part_rows = (ntp * nch_pre).max(d.k * nch_dec);
+        let part = ctx.storage(
+            "attention partials",
+            (b * d.heads * part_rows * (d.hd + 2)) as u64 * f,
+        )?;
+        let mut kv = Vec::new();
+        for l in 0..d.layers {
+            kv.push(ctx.storage(&format!("kv cache {l}"), (b * spec.cap * 2 * c) as u64 * f)?);
+        }
+        let kvmask = ctx.storage("key mask", (b * spec.cap) as u64 * f)?;
+        let rope_tab = rope::cos_sin_table(inv_freq, spec.cap);
+        let rope_b = ctx.storage_init("rope table", &rope_tab)?;
+        let state = ctx.storage("generation state", (layout::words(b, d.k, ntp) as u64) * f)?;
+        let logits = ctx.storage("logits", (b * d.head_rows()) as u64 * f)?;
+        let ow = out_words(&spec, d) as u64 * f;
+        let out = ctx.storage("gazes", ow)?;
+        let out_staging = ctx.staging("gazes readback", ow)?;
+        let debug = ctx.storage(
+            "debug logits",
+            (spec.debug_steps.max(1) * b * d.head_rows()) as u64 * f,
+        )?;
+
+        let bg_resize = match &pix {
+            Some(p) => Some(ops.bicubic.bind(ctx, &arena, p, &img)?),
+            None => None,
+        };
+        let none = Extra::default();
+        let bg_patch = ops.patch.bind(ctx, &arena, &img, wts, &feat, none)?;
+        let bg_ln = ops.ln.bind(ctx, &arena, &feat, wts, &lnw)?;
+        let bg_conv = ops.conv.bind(ctx, &arena, &lnw, wts, &conv, none)?;
+        let bg_outp = ops.outp.bind(ctx, &arena, &conv, wts, &vis, none)?;
+        let bg_select = ops
+            .select
+            .bind(ctx, &arena, &state, &logits, &kvmask, &out, &debug)?;
+        let phase = |po: &PhaseOps| -> Result<PhaseBgs> {
+            let mut pb = PhaseBgs {
+                qkv: Vec::new(),
+                attn: Vec::new(),
+                oproj: Vec::new(),
+                gateup: Vec::new(),
+                down: Vec::new(),
+                head: po.head.bind(
+                    ctx,
+                    &arena,
+                    &x,
+                    wts,
+                    &logits,
+                    Extra {
+                        state: Some(&state),
+                        ..none
+                    },
+                )?,
+            };
+            for (l, kvl) in kv.iter().enumerate() {
+                let ex = Extra {
+                    state: Some(&state),
+                    xw: Some(&x),
+                    kv: Some(kvl),
+                    rope: Some(&rope_b),
+                };
+                let (op, a) = if l == 0 {
+                    (&po.qkv0, &vis)
+                } else {
+                    (&po.qkv, &x)
+                };
+                pb.qkv.push(op.bind(ctx, &arena, a, wts, &q, ex)?);
+                pb.attn
+                    .push(po.attn.bind(ctx, &arena, &state, &q, kvl, &kvmask, &part)?);
+                let exg = Extra {
+                    state: Some(&state),
+                    ..none
+                };
+                pb.oproj.push(po.oproj.bind(ctx, &arena, &q, wts, &x, exg)?);
+                pb.gateup
+                    .push(po.gateup.bind(ctx, &arena, &x, wts, &h, exg)?);
+                pb.down.push(po.down.bind(ctx, &arena, &h, wts, &x, exg)?);
+            }
+            Ok(pb)
+        };
+        let pre = phase(&ops.pre)?;
+        let step = phase(&ops.step)?;
+        let mut keep = vec![feat, conv, x, q, h, part, rope_b, logits];
+        keep.extend(kv);
+        Ok(Self {
+            arena,
+            r: Res {
+                spec,
+                pix,
+                img,
+                lnw,
+                state,
+                kvmask,
+                out,
+                out_staging,
+                debug,
+                vis,
+                bg_resize,
+                bg_patch,
+                bg_ln,
+                bg_conv,
+                bg_outp,
+                bg_select,
+                pre,
+                step,
+                _keep: keep,
+            },
+        })
+    }
+}
+
+struct Inner {
+    ctx: GpuContext,
+    dims: Dims,
+    off: Offsets,
+    wts: wgpu::Buffer,
+    inv_freq: Vec<f32>,
+    ops: Ops,
+    cached: Mutex<Option<Workspace>>,
+    /// Test hook: cap on frames per vision chunk (0: only the adapter's limits).
+    max_chunk_frames: std::sync::atomic::AtomicUsize,
+}
+
+/// AutoGaze on a wgpu device. Cheap to clone (shared); usable from several threads (calls
+/// on one engine are serialised around its cached workspace).
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+/// Dispatch and submit counts of the last call (for reports and benchmarks).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CallStats {
+    pub dispatches: usize,
+    pub submits: usize,
+    pub passes: usize,
+    /// CPU time spent recording and submitting commands (microseconds).
+    pub record_us: u64,
+    /// Wall time of the whole call (microseconds).
+    pub total_us: u64,
+}
+
+struct FramePlan {
+    /// Budget M of the frame.
+    budget: usize,
+    /// Upper bound of the cache indices used in the frame (sizes the attention grid).
+    l_upper: usize,
+}
+
+fn check_pixels(pixel_values: &[f32], shape: &[usize]) -> Result<(usize, usize, usize, usize)> {
+    if shape.len() != 5 {
+        return Err(Error::Input(format!(
+            "pixel_values must have shape [B, T, 3, H, W], got {shape:?}"
+        )));
+    }
+    let (b, t, ch, h, w) = (shape[0], shape[1], shape[2], shape[3], shape[4]);
+    if b == 0 || t == 0 || h == 0 || w == 0 || ch != 3 {
+        return Err(Error::Input(format!(
+            "pixel_values must have shape [B, T, 3, H, W] with B, T, H, W >= 1, got {shape:?}"
+        )));
+    }
+    let n = b
+        .checked_mul(t)
+        .and_then(|v| v.checked_mul(3 * h))
+        .and_then(|v| v.checked_mul(w))
+        .ok_or_else(|| Error::Input(format!("pixel_values shape {shape:?} is too large")))?;
+    if pixel_values.len() != n {
+        return Err(Error::Input(format!(
+            "pixel_values has {} values, shape {shape:?} needs {n}",
+            pixel_values.len()
+        )));
+    }
+    if let Some(i) = pixel_values.iter().position(|v| !v.is_finite()) {
+        return Err(Error::Input(format!("pixel_values[{i}] is not finite")));
+    }
+    Ok((b, t, h, w))
+}
+
+impl Engine {
+    /// Uploads the weights and compiles every pipeline on a new device.
+    pub fn new(config: &AutoGazeConfig, weights: &Weights) -> Result<Engine> {
+        Self::with_context(GpuContext::new()?, config, weights)
+    }
+
+    /// Like [`Engine::new`] on a given device.
+    pub fn with_context(
+        ctx: GpuContext,
+        config: &AutoGazeConfig,
+        weights: &Weights,
+    ) -> Result<Engine> {
+        let dims = Dims::from_config(config)?;
+        let (packed, off) = pack(config, &dims, weights)?;
+        let wts = ctx.storage_init("weights", &packed)?;
+        let inv_freq = rope::inv_freq(&config.decoder);
+        let ops = Ops {
+            bicubic: Bicubic::new(&ctx)?,
+            patch: Matmul::new(
+                &ctx,
+                MatmulSpec::new(ALoad::Patch, Epi::Store, Tile::Large).bias(),
+            )?,
+            ln: LayerNorm::new(&ctx)?,
+            conv: Matmul::new(
+                &ctx,
+                MatmulSpec::new(ALoad::Conv3, Epi::Store, Tile::Large)
+                    .bias()
+                    .relu(),
+            )?,
+            outp: Matmul::new(
+                &ctx,
+                MatmulSpec::new(ALoad::Plain, Epi::Store, Tile::Large)
+                    .bias()
+                    .addrow(),
+            )?,
+            pre: PhaseOps::new(&ctx, Tile::Large, dims.hd, 64)?,
+            step: PhaseOps::new(&ctx, Tile::Small, dims.hd, 16)?,
+            select: Select::new(&ctx)?,
+        };
+        Ok(Engine {
+            inner: Arc::new(Inner {
+                ctx,
+                dims,
+                off,
+                wts,
+                inv_freq,
+                ops,
+                cached: Mutex::new(None),
+                max_chunk_frames: std::sync::atomic::AtomicUsize::new(0),
+            }),
+        })
+    }
+
+    /// The device this engine runs on.
+    pub fn context(&self) -> &GpuContext {
+        &self.inner.ctx
+    }
+
+    /// Frames per vision chunk that fit the adapter's binding limits.
+    fn chunk_frames(&self, b: usize, t: usize, h: usize, w: usize) -> Result<usize> {
+        let d = &self.inner.dims;
+        let per_frame = (3 * d.img * d.img).max(3 * h * w).max(d.p * d.c) as u64 * 4;
+        let fit = self.inner.ctx.max_binding() / (per_frame * b as u64);
+        if fit == 0 {
+            return Err(Error::Device(format!(
+                "a batch of {b} frames of {h}x{w} does not fit this adapter's storage bindings"
+            )));
+        }
+        let cap = self
+            .inner
+            .max_chunk_frames
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let fit = if cap > 0 {
+            (fit as usize).min(cap)
+        } else {
+            fit as usize
+        };
+        Ok(fit.min(t))
+    }
+
+    /// Test hook: process at most `frames` frames per vision chunk (0: no cap), to exercise
+    /// the multi-submit path that large batches take on small adapters.
+    #[doc(hidden)]
+    pub fn set_max_chunk_frames(&self, frames: usize) {
+        self.inner
+            .max_chunk_frames
+            .store(frames, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn ensure<'a>(
+        &self,
+        slot: &'a mut Option<Workspace>,
+        need: WsSpec,
+    ) -> Result<&'a mut Workspace> {
+        let ok = slot.as_ref().is_some_and(|ws| ws.r.spec.fits(&need));
+        if !ok {
+            *slot = None;
+            let i = &self.inner;
+            *slot = Some(Workspace::new(
+                &i.ctx,
+                &i.ops,
+                &i.dims,
+                &i.wts,
+                &i.inv_freq,
+                need,
+            )?);
+        }
+        slot.as_mut()
+            .ok_or_else(|| Error::Backend("workspace allocation failed".into()))
+    }
+
+    /// Uploads frames [t0, t0 + tc) of every row into the workspace's input buffer.
+    fn upload_frames(
+        &self,
+        ws: &Res,
+        px: &[f32],
+        (b, t, h, w): (usize, usize, usize, usize),
+        t0: usize,
+        tc: usize,
+    ) {
+        let fsz = 3 * h * w;
+        let dst = ws.pix.as_ref().unwrap_or(&ws.img);
+        for r in 0..b {
+            let src = &px[(r * t + t0) * fsz..(r * t + t0 + tc) * fsz];
+            self.inner.ctx.write(dst, (r * tc * fsz) as u64, src);
+        }
+    }
+
+    /// Records the vision encoder + connector for `tc` frames (session frames t0..).
+    fn record_vision(
+        &self,
+        rec: &mut Recorder<'_>,
+        ws: &Res,
+        b: usize,
+        tc: usize,
+        t0: usize,
+        (h, w): (usize, usize),
+    ) -> Result<()> {
+        let i = &self.inner;
+        let (d, o) = (&i.dims, &i.off);
+        if let Some(bg) = &ws.bg_resize {
+            i.ops
+                .bicubic
+                .record(rec, bg, b * tc * 3, (h, w), (d.img, d.img))?;
+        }
+        let m = (b * tc * d.p) as u32;
+        let c = d.c as u32;
+        let base = MatmulParams {
+            m,
+            n: c,
+            ldc: c,
+            grid: d.grid as u32,
+            img: d.img as u32,
+            psize: d.ps as u32,
+            cin: c,
+            ..Default::default()
+        };
+        let pp = MatmulParams {
+            k: (3 * d.ps * d.ps) as u32,
+            w_off: o.patch_w as u32,
+            b_off: o.patch_b as u32,
+            ..base
+        };
+        i.ops.patch.record(rec, &ws.bg_patch, &pp)?;
+        let ln = LnShape {
+            batch: b,
+            frames: tc,
+            hw: d.p,
+            channels: d.c,
+            ring: ws.spec.ring,
+            t0,
+            g_off: o.ln_w,
+            b_off: o.ln_b,
+            eps: d.eps_ln,
+        };
+        i.ops.ln.record(rec, &ws.bg_ln, &ln)?;
+        let cp = MatmulParams {
+            k: (27 * d.c) as u32,
+            w_off: o.conv_w as u32,
+            b_off: o.conv_b as u32,
+            frames_in: ws.spec.ring as u32,
+            frames_out: tc as u32,
+            t0: t0 as u32,
+            ..base
+        };
+        i.ops.conv.record(rec, &ws.bg_conv, &cp)?;
+        let op = MatmulParams {
+            k: c,
+            w_off: o.out_w as u32,
+            b_off: o.out_b as u32,
+            add_off: o.pos as u32,
+            add_mod: d.p as u32,
+            ..base
+        };
+        i.ops.outp.record(rec, &ws.bg_outp, &op)
+    }
+
+    /// Records one decoder forward (prefill when `prefill`, else a decode step) and the
+    /// heads at the last slot.
+    #[allow(clippy::too_many_arguments)]
+    fn record_forward(
+        &self,
+        rec: &mut Recorder<'_>,
+        ws: &Res,
+        b: usize,
+        prefill: bool,
+        vis_frames: usize,
+        vis_frame: usize,
+        l_upper: usize,
+    ) -> Result<()> {
+        self.record_forward_ops(
+            rec, ws, b, prefill, vis_frames, vis_frame, l_upper, None, false,
+        )
+    }
+
+    /// [`record_forward`](Self::record_forward), optionally only the `only`-th dispatch of
+    /// the forward (for profiling) and with the done-flag skip disabled (`force`).
+    #[allow(clippy::too_many_arguments)]
+    fn record_forward_ops(
+        &self,
+        rec: &mut Recorder<'_>,
+        ws: &Res,
+        b: usize,
+        prefill: bool,
+        vis_frames: usize,
+        vis_frame: usize,
+        l_upper: usize,
+        only: Option<usize>,
+        force: bool,
+    ) -> Result<()> {
+        let i = &self.inner;
+        let (d, o) = (&i.dims, &i.off);
+        let (ops, bgs) = if prefill {
+            (&i.ops.pre, &ws.pre)
+        } else {
+            (&i.ops.step, &ws.step)
+        };
+        let nt = if prefill { d.nt_pre() } else { d.k };
+        let chunk = if prefill { CHUNK_PRE } else { CHUNK_DEC };
+        let nchunk = l_upper.div_ceil(chunk).max(1);
+        let skip = u32::from(!prefill && !force);
+        let mut idx = 0usize;
+        let mut take = || {
+            let t = only.is_none_or(|o| o == idx);
+            idx += 1;
+            t
+        };
+        let c = d.c as u32;
+        let base = MatmulParams {
+            m: (b * nt) as u32,
+            k: c,
+            nt: nt as u32,
+            batch: b as u32,
+            cap: ws.spec.cap as u32,
+            lead: d.k as u32,
+            skip_if_done: skip,
+            eps: d.eps_rms,
+            vis_frames: vis_frames as u32,
+            vis_frame: vis_frame as u32,
+            heads: d.heads as u32,
+            head_dim: d.hd as u32,
+            a_off: o.embed as u32,
+            pos_stride: d.nt_pre() as u32,
+            ..Default::default()
+        };
+        let ap = AttnParams {
+            batch: b as u32,
+            nt: nt as u32,
+            cap: ws.spec.cap as u32,
+            nchunk: nchunk as u32,
+            chunk: chunk as u32,
+            heads: d.heads as u32,
+            skip_if_done: skip,
+            scale: 1.0 / (d.hd as f32).sqrt(),
+        };
+        for (l, lo) in o.layers.iter().enumerate() {
+            let qp = MatmulParams {
+                n: 3 * c,
+                ldc: c,
+                w_off: lo.qkv as u32,
+                g_off: lo.in_g as u32,
+                ..base
+            };
+            let qop = if l == 0 { &ops.qkv0 } else { &ops.qkv };
+            if take() {
+                qop.record(rec, &bgs.qkv[l], &qp)?;
+            }
+            if take() {
+                ops.attn.record(rec, &bgs.attn[l], &ap, d.hd as u32)?;
+            }
+            let opp = MatmulParams {
+                n: c,
+                ldc: c,
+                w_off: lo.o as u32,
+                ..base
+            };
+            if take() {
+                ops.oproj.record(rec, &bgs.oproj[l], &opp)?;
+            }
+            let gp = MatmulParams {
+                n: (2 * d.ffn) as u32,
+                ldc: d.ffn as u32,
+                w_off: lo.gu as u32,
+                g_off: lo.post_g as u32,
+                ..base
+            };
+            if take() {
+                ops.gateup.record(rec, &bgs.gateup[l], &gp)?;
+            }
+            let dp = MatmulParams {
+                n: c,
+                k: d.ffn as u32,
+                ldc: c,
+                w_off: lo.down as u32,
+                ..base
+            };
+            if take() {
+                ops.down.record(rec, &bgs.down[l], &dp)?;
+            }
+        }
+        let hp = MatmulParams {
+            m: b as u32,
+            n: d.head_rows() as u32,
+            ldc: d.head_rows() as u32,
+            w_off: o.head as u32,
+            g_off: o.norm as u32,
+            ..base
+        };
+        if take() {
+            ops.head.record(rec, &bgs.head, &hp)?;
+        }
+        Ok(())
+    }
+
+    /// Records the whole generation loop of one frame.
+    #[allow(clippy::too_many_arguments)]
+    fn record_frame(
+        &self,
+        rec: &mut Recorder<'_>,
+        ws: &Res,
+        b: usize,
+        fp: &FramePlan,
+        req: Option<f32>,
+        vis_frames: usize,
+        vis_frame: usize,
+        out_frame: usize,
+        debug: bool,
+    ) -> Result<()> {
+        let d = &self.inner.dims;
+        let sp = SelectParams {
+            batch: b as u32,
+            budget: fp.budget as u32,
+            has_req: u32::from(req.is_some()),
+            req: req.unwrap_or(0.0),
+            phase: 0,
+            nt: d.nt_pre() as u32,
+            out_frame: out_frame as u32,
+            debug: u32::from(debug),
+            cap: ws.spec.cap as u32,
+            lead: d.k as u32,
+            npatch: d.p as u32,
+            vocab: d.vocab as u32,
+            pad: d.pad as u32,
+            out_stride: d.nv as u32,
+            out_frames: ws.spec.out_frames as u32,
+            debug_rows: ws.spec.debug_steps.max(1) as u32,
+            pos_stride: d.nt_pre() as u32,
+            ..Default::default()
+        };
+        self.record_forward(rec, ws, b, true, vis_frames, vis_frame, fp.l_upper)?;
+        self.inner.ops.select.record(rec, &ws.bg_select, &sp)?;
+        let steps = fp.budget.div_ceil(d.k);
+        let sd = SelectParams {
+            phase: 1,
+            nt: d.k as u32,
+            ..sp
+        };
+        for _ in 1..steps {
+            self.record_forward(rec, ws, b, false, vis_frames, vis_frame, fp.l_upper)?;
+            self.inner.ops.select.record(rec, &ws.bg_select, &sd)?;
+        }
+        Ok(())
+    }
+
+    /// Resets the generation state of a workspace for a new clip/session of `b` rows.
+    fn init_generation(&self, ws: &Res, b: usize) {
+        let d = &self.inner.dims;
+        let ctx = &self.inner.ctx;
+        ctx.write(&ws.state, 0, &layout::initial(b, d.k, d.p, d.pad as u32));
+        let mut mask = vec![0u32; b * ws.spec.cap];
+        for r in 0..b {
+            for q in 0..d.p {
+                mask[r * ws.spec.cap + q] = 1;
+            }
+        }
+        ctx.write(&ws.kvmask, 0, &mask);
+    }
+
+    fn plans(&self, ratios: &[f32], frame0_upper: usize) -> Result<Vec<FramePlan>> {
+        let d = &self.inner.dims;
+        let mut acc = frame0_upper;
+        let mut out = Vec::new();
+        for (t, r) in ratios.iter().enumerate() {
+            if !r.is_finite() || *r <= 0.0 {
+                return Err(Error::Input(format!(
+                    "gazing_ratio_each_frame[{t}] must be a positive number, got {r}"
+                )));
+            }
+            let budget = d.budget(*r);
+            out.push(FramePlan {
+                budget,
+                l_upper: acc + d.p + budget + d.k,
+            });
+            acc += d.p + budget;
+        }
+        Ok(out)
+    }
+
+    /// Vision embeddings (the connector output) of `pixel_values` [B, T, 3, H, W]:
+    /// returns [B, T, 196, 192].
+    pub fn embed(&self, pixel_values: &[f32], shape: &[usize]) -> Result<Vec<f32>> {
+        let (b, t, h, w) = check_pixels(pixel_values, shape)?;
+        let i = &self.inner;
+        let d = &i.dims;
+        let tc = self.chunk_frames(b, t, h, w)?;
+        let need = WsSpec {
+            batch: b,
+            frames: tc,
+            ring: tc + 2,
+            in_hw: (h, w),
+            cap: CAP_SLACK,
+            out_frames: 1,
+            debug_steps: 0,
+        };
+        let mut guard = i.cached.lock().unwrap_or_else(|e| e.into_inner());
+        let wsp = self.ensure(&mut guard, need)?;
+        let (arena, ws) = (&mut wsp.arena, &wsp.r);
+        let per = d.p * d.c;
+        let mut out = vec![0.0f32; b * t * per];
+        let staging = i.ctx.staging("embed readback", (b * tc * per * 4) as u64)?;
+        let mut t0 = 0;
+        while t0 < t {
+            let n = tc.min(t - t0);
+            self.upload_frames(ws, pixel_values, (b, t, h, w), t0, n);
+            let mut rec = Recorder::new(&i.ctx, arena);
+            if t0 == 0 {
+                rec.encoder().clear_buffer(&ws.lnw, 0, None);
+            }
+            self.record_vision(&mut rec, ws, b, n, t0, (h, w))?;
+            rec.encoder()
+                .copy_buffer_to_buffer(&ws.vis, 0, &staging, 0, (b * n * per * 4) as u64);
+            rec.submit(&i.ctx)?;
+            let bytes = i.ctx.read_staging(&staging, (b * n * per * 4) as u64)?;
+            let v: Vec<f32> = bytemuck::pod_collect_to_vec(&bytes);
+            for r in 0..b {
+                out[(r * t + t0) * per..(r * t + t0 + n) * per]
+                    .copy_from_slice(&v[r * n * per..(r + 1) * n * per]);
+            }
+            t0 += n;
+        }
+        Ok(out)
+    }
+
+    /// Gaze generation for a clip (SPEC §5), all on the GPU: one submit per chunk of frames
+    /// (one for ordinary clips) and one readback.
+    pub fn generate(
+        &self,
+        pixel_values: &[f32],
+        shape: &[usize],
+        params: &GenerateParams,
+    ) -> Result<GenerateOutput> {
+        self.generate_impl(pixel_values, shape, params, false)
+            .map(|r| r.0)
+    }
+
+    /// [`Engine::generate`] that also returns the raw heads output (10 x 266 logits and 10
+    /// task losses per row) at the last position of every selection step that ran, in order:
+    /// [steps, B, 2670].
+    pub fn generate_debug(
+        &self,
+        pixel_values: &[f32],
+        shape: &[usize],
+        params: &GenerateParams,
+    ) -> Result<(GenerateOutput, Vec<f32>, CallStats)> {
+        let (o, l, s) = self.generate_impl(pixel_values, shape, params, true)?;
+        Ok((o, l.unwrap_or_default(), s))
+    }
+
+    fn generate_impl(
+        &self,
+        pixel_values: &[f32],
+        shape: &[usize],
+        params: &GenerateParams,
+        debug: bool,
+    ) -> Result<(GenerateOutput, Option<Vec<f32>>, CallStats)> {
+        let (b, t, h, w) = check_pixels(pixel_values, shape)?;
+        if params.gazing_ratio_each_frame.len() != t {
+            return Err(Error::Input(format!(
+                "gazing_ratio_each_frame has {} values for {t} frames",
+                params.gazing_ratio_each_frame.len()
+            )));
+        }
+        if let Some(r) = params.task_loss_requirement
+            && !r.is_finite()
+        {
+            return Err(Error::Input(format!(
+                "task_loss_requirement must be finite, got {r}"
+            )));
+        }
+        let start = std::time::Instant::now();
+        let i = &self.inner;
+        let d = &i.dims;
+        let plans = self.plans(&params.gazing_ratio_each_frame, 0)?;
+        let cap = plans.iter().map(|p| d.p + p.budget).sum::<usize>() + CAP_SLACK;
+        let max_steps: usize = plans.iter().map(|p| p.budget.div_ceil(d.k)).sum();
+        let tc = self.chunk_frames(b, t, h, w)?;
+        let need = WsSpec {
+            batch: b,
+            frames: tc,
+            ring: tc + 2,
+            in_hw: (h, w),
+            cap,
+            out_frames: t,
+            debug_steps: if debug { max_steps } else { 0 },
+        };
+        let mut guard = i.cached.lock().unwrap_or_else(|e| e.into_inner());
+        let wsp = self.ensure(&mut guard, need)?;
+        let (arena, ws) = (&mut wsp.arena, &wsp.r);
+        self.init_generation(ws, b);
+        let mut stats = CallStats::default();
+        let ow = out_words(&ws.spec, d) as u64 * 4;
+        let mut t0 = 0;
+        while t0 < t {
+            let n = tc.min(t - t0);
+            self.upload_frames(ws, pixel_values, (b, t, h, w), t0, n);
+            let rec_start = std::time::Instant::now();
+            let mut rec = Recorder::new(&i.ctx, arena);
+            if t0 == 0 {
+                rec.encoder().clear_buffer(&ws.lnw, 0, None);
+            }
+            self.record_vision(&mut rec, ws, b, n, t0, (h, w))?;
+            for j in 0..n {
+                let tt = t0 + j;
+                self.record_frame(
+                    &mut rec,
+                    ws,
+                    b,
+                    &plans[tt],
+                    params.task_loss_requirement,
+                    n,
+                    j,
+                    tt,
+                    debug,
+                )?;
+            }
+            if t0 + n == t {
+                rec.encoder()
+                    .copy_buffer_to_buffer(&ws.out, 0, &ws.out_staging, 0, ow);
+            }
+            stats.dispatches += rec.dispatches;
+            stats.passes += rec.passes;
+            stats.submits += 1;
+            rec.submit(&i.ctx)?;
+            stats.record_us += rec_start.elapsed().as_micros() as u64;
+            t0 += n;
+        }
+        let words: Vec<u32> =
+            bytemuck::pod_collect_to_vec(&i.ctx.read_staging(&ws.out_staging, ow)?);
+        let out = assemble(d, &words, b, t, ws.spec.out_frames)?;
+        let dbg = if debug {
+            let steps = i.ctx.read_u32(&ws.state, layout::S_GSTEP as u64, 1)?[0] as usize;
+            Some(i.ctx.read_f32(
+                &ws.debug,
+                0,
+                steps.min(ws.spec.debug_steps) * b * d.head_rows(),
+            )?)
+        } else {
+            None
+        };
+        stats.total_us = start.elapsed().as_micros() as u64;
+        Ok((out, dbg, stats))
+    }
+
+    /// Profiling aid (not a timed test): runs `generate` once, then times each dispatch kind
+    /// of a prefill forward and of a decode step (run, and skipped on a done frame) and the
+    /// selection kernel, each as `reps` back-to-back dispatches in one submit. Returns
+    /// (name, microseconds per dispatch). Wall-clock based; includes barriers between the
+    /// repeated dispatches, as in the real command stream.
+    #[doc(hidden)]
+    pub fn profile_kernels(
+        &self,
+        pixel_values: &[f32],
+        shape: &[usize],
+        params: &GenerateParams,
+        reps: usize,
+    ) -> Result<Vec<(String, f64)>> {
+        self.generate(pixel_values, shape, params)?;
+        let (b, t, _, _) = check_pixels(pixel_values, shape)?;
+        let i = &self.inner;
+        let d = &i.dims;
+        let plans = self.plans(&params.gazing_ratio_each_frame, 0)?;
+        let l_upper = plans[t - 1].l_upper;
+        let mut guard = i.cached.lock().unwrap_or_else(|e| e.into_inner());
+        let wsp = guard
+            .as_mut()
+            .ok_or_else(|| Error::Backend("no workspace".into()))?;
+        let (arena, ws) = (&mut wsp.arena, &wsp.r);
+        let names = ["qkv", "attention+merge", "o_proj", "gate_up", "down"];
+        let mut out = Vec::new();
+        let per_fwd = 5 * d.layers + 1;
+        let mut time =
+            |label: String, f: &mut dyn FnMut(&mut Recorder<'_>) -> Result<()>| -> Result<()> {
+                let t0 = std::time::Instant::now();
+                let mut rec = Recorder::new(&i.ctx, &mut *arena);
+                for _ in 0..reps {
+                    f(&mut rec)?;
+                }
+                rec.submit(&i.ctx)?;
+                i.ctx.wait()?;
+                out.push((label, t0.elapsed().as_secs_f64() * 1e6 / reps as f64));
+                Ok(())
+            };
+        time("empty submit+wait (per rep)".into(), &mut |_| Ok(()))?;
+        for (prefill, force, tag) in [
+            (true, true, "prefill"),
+            (false, true, "decode"),
+            (false, false, "decode skipped"),
+        ] {
+            for op in 0..per_fwd {
+                // Layer 0 and 1 (qkv of layer 0 has the embedding loader) and the head.
+                if op >= 10 && op != per_fwd - 1 {
+                    continue;
+                }
+                let name = if op == per_fwd - 1 {
+                    "head".to_string()
+                } else {
+                    format!("L{} {}", op / 5, names[op % 5])
+                };
+                time(format!("{tag} {name}"), &mut |rec| {
+                    self.record_forward_ops(rec, ws, b, prefill, 1, 0, l_upper, Some(op), force)
+                })?;
+            }
+        }
+        let sp = SelectParams {
+            batch: b as u32,
+            budget: d.nv as u32,
+            phase: 1,
+            nt: d.k as u32,
+            cap: ws.spec.cap as u32,
+            lead: d.k as u32,
+            npatch: d.p as u32,
+            vocab: d.vocab as u32,
+            pad: d.pad as u32,
+            out_stride: d.nv as u32,
+            out_frames: ws.spec.out_frames as u32,
+            debug_rows: 1,
+            pos_stride: d.nt_pre() as u32,
+            ..Default::default()
+        };
+        time("select skipped".into(), &mut |rec| {
+            i.ops.select.record(rec, &ws.bg_select, &sp)
+        })?;
+        let sp0 = SelectParams { phase: 0, ..sp };
+        time("select (frame start, 10 slots)".into(), &mut |rec| {
+            i.ops.select.record(rec, &ws.bg_select, &sp0)
+        })?;
+        let (hh, ww) = ws.spec.in_hw;
+        time(format!("vision ({} frames)", ws.spec.frames), &mut |rec| {
+            self.record_vision(rec, ws, b, ws.spec.frames.min(t), 0, (hh, ww))
+        })?;
+        Ok(out)
+    }
+
+    /// Starts a streaming session of `batch` rows holding up to `max_frames` frames of input
+    /// size (h, w), with an optional task-loss requirement.
+    pub fn session(
+        &self,
+        batch: usize,
+        max_frames: usize,
+        in_hw: (usize, usize),
+        task_loss_requirement: Option<f32>,
+    ) -> Result<Session> {
+        if batch == 0 || max_frames == 0 || in_hw.0 == 0 || in_hw.1 == 0 {
+            return Err(Error::Input(
+                "a session needs batch, max_frames, height and width >= 1".into(),
+            ));
+        }
+        if let Some(r) = task_loss_requirement
+            && !r.is_finite()
+        {
+            return Err(Error::Input(format!(
+                "task_loss_requirement must be finite, got {r}"
+            )));
+        }
+        let i = &self.inner;
+        let d = &i.dims;
+        let cap = max_frames * (d.p + d.nv) + CAP_SLACK;
+        let spec = WsSpec {
+            batch,
+            frames: 1,
+            ring: 3,
+            in_hw,
+            cap,
+            out_frames: 1,
+            debug_steps: 0,
+        };
+        let ws = Workspace::new(&i.ctx, &i.ops, d, &i.wts, &i.inv_freq, spec)?;
+        self.init_generation(&ws.r, batch);
+        i.ctx
+            .write(&ws.r.lnw, 0, &vec![0.0f32; batch * 3 * d.p * d.c]);
+        Ok(Session {
+            engine: self.clone(),
+            ws,
+            frame: 0,
+            l_sum: 0,
+            max_frames,
+            req: task_loss_requirement,
+        })
+    }
+}
+
+/// Turns the `out` words into the official output layout.
+fn assemble(
+    d: &Dims,
+    words: &[u32],
+    b: usize,
+    t: usize,
+    out_frames: usize,
+) -> Result<GenerateOutput> {
+    let counts: Vec<usize> = words[..t].iter().map(|v| *v as usize).collect();
+    if let Some((f, n)) = counts
+        .iter()
+        .enumerate()
+        .find(|(_, n)| **n == 0 || **n > d.nv)
+    {
+        return Err(Error::Backend(format!(
+            "GPU generation produced {n} slots for frame {f}"
+        )));
+    }
+    let total: usize = counts.iter().sum();
+    let mut gazing_pos = Vec::with_capacity(b * total);
+    let mut padded = Vec::with_capacity(b * total);
+    for r in 0..b {
+        for (f, n) in counts.iter().enumerate() {
+            let base = out_frames + (r * out_frames + f) * d.nv;
+            for s in 0..*n {
+                let tok = words[base + s] as usize;
+                if tok > d.pad {
+                    return Err(Error::Backend(format!(
+                        "GPU generation produced token {tok}"
+                    )));
+                }
+                gazing_pos.push((tok + d.nv * f) as i64);
+                padded.push(tok == d.pad);
+            }
+        }
+    }
+    Ok(GenerateOutput {
+        batch: b,
+        gazing_pos,
+        if_padded_gazing: padded,
+        num_gazing_each_frame: counts,
+    })
+}
+
+/// A streaming session: the KV cache, key mask, conv ring and generation state stay on the
+/// GPU between frames; each [`Session::step`] runs one frame and reads back once.
+pub struct Session {
+    engine: Engine,
+    ws: Workspace,
+    frame: usize,
+    l_sum: usize,
+    max_frames: usize,
+    req: Option<f32>,
+}
+
+impl Session {
+    /// Frames run so far.
+    pub fn frames(&self) -> usize {
+        self.frame
+    }
+
+    /// Runs one frame: `pixel_values` [B, 3, H, W] (or [B, 1, 3, H, W]) at `gazing_ratio`.
+    pub fn step(
+        &mut self,
+        pixel_values: &[f32],
+        shape: &[usize],
+        gazing_ratio: f32,
+    ) -> Result<StepOutput> {
+        let shape5: Vec<usize> = match shape.len() {
+            4 => vec![shape[0], 1, shape[1], shape[2], shape[3]],
+            5 => shape.to_vec(),
+            _ => {
+                return Err(Error::Input(format!(
+                    "a streaming frame must have shape [B, 3, H, W], got {shape:?}"
+                )));
+            }
+        };
+        let (b, t, h, w) = check_pixels(pixel_values, &shape5)?;
+        let spec = self.ws.r.spec;
+        if t != 1 || b != spec.batch || (h, w) != spec.in_hw {
+            return Err(Error::Input(format!(
+                "this session takes frames of shape [{}, 3, {}, {}], got {shape:?}",
+                spec.batch, spec.in_hw.0, spec.in_hw.1
+            )));
+        }
+        if self.frame >= self.max_frames {
+            return Err(Error::Input(format!(
+                "this session was created for {} frames",
+                self.max_frames
+            )));
+        }
+        let e = &self.engine;
+        let i = &e.inner;
+        let d = &i.dims;
+        let plan = e.plans(&[gazing_ratio], self.l_sum)?.remove(0);
+        let (arena, ws) = (&mut self.ws.arena, &self.ws.r);
+        e.upload_frames(ws, pixel_values, (b, 1, h, w), 0, 1);
+        let ow = out_words(&ws.spec, d) as u64 * 4;
+        let mut rec = Recorder::new(&i.ctx, arena);
+        e.record_vision(&mut rec, ws, b, 1, self.frame, (h, w))?;
+        e.record_frame(&mut rec, ws, b, &plan, self.req, 1, 0, 0, false)?;
+        rec.encoder()
+            .copy_buffer_to_buffer(&ws.out, 0, &ws.out_staging, 0, ow);
+        rec.submit(&i.ctx)?;
+        let words: Vec<u32> =
+            bytemuck::pod_collect_to_vec(&i.ctx.read_staging(&ws.out_staging, ow)?);
+        let o = assemble(d, &words, b, 1, 1)?;
+        self.frame += 1;
+        self.l_sum += d.p + plan.budget;
+        let n = o.num_gazing_each_frame[0];
+        Ok(StepOutput {
+            batch: b,
+            tokens: o.gazing_pos,
+            if_padded: o.if_padded_gazing,
+            num_gazing: n,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assert_send_sync<T: Send + Sync>() {}
+    fn assert_send<T: Send>() {}
+
+    #[test]
+    fn engine_is_shareable_across_threads() {
+        assert_send_sync::<Engine>();
+        assert_send::<Session>();
+    }
+
+    #[test]
+    fn pixel_shapes_are_checked() {
+        assert!(matches!(
+            check_pixels(&[0.0; 10], &[1, 1, 3, 2, 2]),
+            Err(Error::Input(_))
+        ));
+        assert!(matches!(
+            check_pixels(&[0.0; 12], &[1, 1, 4, 1, 3]),
+            Err(Error::Input(_))
+        ));
+        assert!(matches!(
+            check_pixels(&[f32::NAN; 12], &[1, 1, 3, 2, 2]),
+            Err(Error::Input(_))
+        ));
+        assert!(check_pixels(&[0.0; 12], &[1, 1, 3, 2, 2]).is_ok());
+    }
+}

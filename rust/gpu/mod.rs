@@ -1,0 +1,19 @@
+//! The wgpu backend: the whole AutoGaze model as WGSL compute shaders.
+//!
+//! * [`context`]: adapter/device creation, limits, error capture, readback.
+//! * [`pipeline`]: shader sources, the define mechanism, cached pipelines.
+//! * [`buffer`]: buffers, parameter arena, bind groups, command recording.
+//! * [`ops`]: one launcher per kernel family, with per-kernel tests.
+//! * [`engine`]: weights on the GPU, workspaces, `embed`, `generate`, streaming sessions.
+
+pub mod buffer;
+pub mod context;
+pub mod engine;
+pub mod ops;
+#[cfg(test)]
+mod parity;
+pub mod pipeline;
+pub mod rope;
+
+pub use context::{DeviceInfo, GpuContext};
+pub use engine::{Engine, GenerateOutput, GenerateParams, Session, StepOutput};

@@ -1,0 +1,643 @@
+//! The tiled GEMM family (`shaders/matmul.wgsl`): C = A' W^T with fused loaders
+//! (plain, patchify im2col, causal-conv im2col, RMSNorm, token/vision embedding gather)
+//! and epilogues (bias/ReLU/row addend, residual add, SwiGLU,
+//! RoPE + KV-cache write).
+
+use std::sync::Arc;
+
+use bytemuck::{Pod, Zeroable};
+
+use crate::error::{Error, Result};
+use crate::gpu::buffer::{BindGroupBuilder, ParamArena, Recorder};
+use crate::gpu::context::GpuContext;
+use crate::gpu::pipeline::{Kernel, PipelineKey};
+
+/// How the A operand is produced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ALoad {
+    /// `a[m, k]` row-major.
+    Plain,
+    /// Conv3d patchify: im2col of `a` [frames, 3, img, img] with kernel = stride = psize.
+    Patch,
+    /// Causal 3x3x3 conv: im2col of the post-LayerNorm ring window [B, frames_in, g*g, cin],
+    /// K ordered (tap, cin).
+    Conv3,
+    /// RMSNorm(a[m]) * g (row `m`, or the last slot of batch row `m` with `last`).
+    Rms,
+    /// Decoder input: plan token embedding or vision token, RMSNormed; also stores x.
+    Embed,
+}
+
+/// What happens to the accumulator.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Epi {
+    /// out[m, n] = acc (+ bias) (ReLU) (+ addend[m % add_mod, n]).
+    Store,
+    /// out[m, n] += acc.
+    Residual,
+    /// W rows interleave gate/up: out[m, n/2] = silu(acc[n]) * acc[n+1].
+    Swiglu,
+    /// W rows permuted q|k|v with RoPE pairs adjacent: rotate q, k by the plan's positions,
+    /// write q to `out` and k, v of active slots into the KV cache.
+    Qkv,
+}
+
+/// Workgroup tile shape.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Tile {
+    /// 64 x 64, 256 threads (4 x 4 each): big GEMMs (vision, prefill).
+    Large,
+    /// 16 x 32, 64 threads (4 x 2 each), k-steps of 64: decode steps (M = 10 B) and heads.
+    Small,
+}
+
+impl Tile {
+    pub fn dims(self) -> (u32, u32, u32, u32) {
+        match self {
+            Tile::Large => (64, 64, 4, 4),
+            Tile::Small => (16, 32, 4, 2),
+        }
+    }
+
+    /// Depth of one k-step (workgroup memory: (TM + TN) * TK floats, at most 12 KiB).
+    pub fn depth(self) -> u32 {
+        match self {
+            Tile::Large => 16,
+            Tile::Small => 64,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct MatmulSpec {
+    pub a: ALoad,
+    pub epi: Epi,
+    pub tile: Tile,
+    pub last: bool,
+    pub bias: bool,
+    pub relu: bool,
+    pub addrow: bool,
+    /// Decoder kernel: binds the generation state and may skip when the frame is done.
+    pub dec: bool,
+}
+
+impl MatmulSpec {
+    pub fn new(a: ALoad, epi: Epi, tile: Tile) -> Self {
+        Self {
+            a,
+            epi,
+            tile,
+            last: false,
+            bias: false,
+            relu: false,
+            addrow: false,
+            dec: matches!(a, ALoad::Embed) || matches!(epi, Epi::Qkv),
+        }
+    }
+    pub fn bias(mut self) -> Self {
+        self.bias = true;
+        self
+    }
+    pub fn relu(mut self) -> Self {
+        self.relu = true;
+        self
+    }
+    pub fn addrow(mut self) -> Self {
+        self.addrow = true;
+        self
+    }
+    pub fn last(mut self) -> Self {
+        self.last = true;
+        self
+    }
+    pub fn dec(mut self) -> Self {
+        self.dec = true;
+        self
+    }
+
+    fn key(&self) -> PipelineKey {
+        let (tm, tn, rm, rn) = self.tile.dims();
+        let a = match self.a {
+            ALoad::Plain => "plain",
+            ALoad::Patch => "patch",
+            ALoad::Conv3 => "conv3",
+            ALoad::Rms => "rms",
+            ALoad::Embed => "embed",
+        };
+        let epi = match self.epi {
+            Epi::Store => "store",
+            Epi::Residual => "residual",
+            Epi::Swiglu => "swiglu",
+            Epi::Qkv => "qkv",
+        };
+        let b = |v: bool| if v { "1" } else { "0" };
+        PipelineKey::new("matmul", "main")
+            .define("TM", tm)
+            .define("TN", tn)
+            .define("RM", rm)
+            .define("RN", rn)
+            .define("TK", self.tile.depth())
+            .define("A", a)
+            .define("EPI", epi)
+            .define("NORM", b(matches!(self.a, ALoad::Rms | ALoad::Embed)))
+            .define("LAST", b(self.last))
+            .define("BIAS", b(self.bias))
+            .define("RELU", b(self.relu))
+            .define("ADDROW", b(self.addrow))
+            .define("DEC", b(self.dec))
+    }
+}
+
+/// Parameter block of `matmul.wgsl` (field order = the WGSL struct).
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable, Debug, Default, PartialEq)]
+pub struct MatmulParams {
+    pub m: u32,
+    pub n: u32,
+    pub k: u32,
+    pub ldc: u32,
+    pub w_off: u32,
+    pub b_off: u32,
+    pub g_off: u32,
+    pub add_off: u32,
+    pub add_mod: u32,
+    pub nt: u32,
+    pub batch: u32,
+    pub cap: u32,
+    pub lead: u32,
+    pub _nchunk: u32,
+    pub skip_if_done: u32,
+    pub eps: f32,
+    pub grid: u32,
+    pub img: u32,
+    pub psize: u32,
+    pub cin: u32,
+    pub frames_in: u32,
+    pub frames_out: u32,
+    pub vis_frames: u32,
+    pub vis_frame: u32,
+    pub heads: u32,
+    pub head_dim: u32,
+    pub a_off: u32,
+    pub pos_stride: u32,
+    pub t0: u32,
+}
+
+/// Buffers a matmul variant may bind besides A, the weights and the output.
+#[derive(Default, Clone, Copy)]
+pub struct Extra<'a> {
+    /// Generation state (decoder kernels).
+    pub state: Option<&'a wgpu::Buffer>,
+    /// Decoder input x written by the embed loader.
+    pub xw: Option<&'a wgpu::Buffer>,
+    /// KV cache of this layer (Qkv).
+    pub kv: Option<&'a wgpu::Buffer>,
+    /// cos/sin table (Qkv).
+    pub rope: Option<&'a wgpu::Buffer>,
+}
+
+pub struct Matmul {
+    pub spec: MatmulSpec,
+    kernel: Arc<Kernel>,
+}
+
+impl Matmul {
+    pub fn new(ctx: &GpuContext, spec: MatmulSpec) -> Result<Self> {
+        Ok(Self {
+            spec,
+            kernel: ctx.kernel(&spec.key())?,
+        })
+    }
+
+    pub fn bind(
+        &self,
+        ctx: &GpuContext,
+        arena: &ParamArena,
+        a: &wgpu::Buffer,
+        wts: &wgpu::Buffer,
+        out: &wgpu::Buffer,
+        extra: Extra<'_>,
+    ) -> Result<wgpu::BindGroup> {
+        let mut b = BindGroupBuilder::new(ctx, &self.kernel, arena)
+            .bind(1, a)
+            .bind(2, wts)
+            .bind(3, out);
+        let has = |n: u32| self.kernel.bindings.iter().any(|(m, _)| *m == n);
+        for (n, buf, name) in [
+            (4, extra.state, "state"),
+            (5, extra.xw, "xw"),
+            (6, extra.kv, "kv"),
+            (7, extra.rope, "rope"),
+        ] {
+            if has(n) {
+                let buf = buf.ok_or_else(|| {
+                    Error::Backend(format!("matmul {:?} needs buffer `{name}`", self.spec))
+                })?;
+                b = b.bind(n, buf);
+            }
+        }
+        b.build()
+    }
+
+    pub fn record(
+        &self,
+        rec: &mut Recorder<'_>,
+        bg: &wgpu::BindGroup,
+        p: &MatmulParams,
+    ) -> Result<()> {
+        let (tm, tn, _, _) = self.spec.tile.dims();
+        if matches!(self.spec.epi, Epi::Swiglu | Epi::Qkv) && !p.n.is_multiple_of(2) {
+            return Err(Error::Backend("paired epilogue needs an even N".into()));
+        }
+        rec.dispatch(&self.kernel, bg, p, [p.n.div_ceil(tn), p.m.div_ceil(tm), 1])
+    }
+}
+
+/// CPU reference: out[m, n] = sum_k a[m, k] w[n, k] (f64 accumulation, for tests).
+pub fn matmul_cpu(a: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
+    let mut out = vec![0.0f32; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            let mut s = 0.0f64;
+            for t in 0..k {
+                s += a[i * k + t] as f64 * w[j * k + t] as f64;
+            }
+            out[i * n + j] = s as f32;
+        }
+    }
+    out
+}
+
+/// CPU reference RMSNorm of rows of length k.
+pub fn rmsnorm_cpu(x: &[f32], g: &[f32], k: usize, eps: f32) -> Vec<f32> {
+    let mut out = vec![0.0f32; x.len()];
+    for (row, o) in x.chunks(k).zip(out.chunks_mut(k)) {
+        let ms = row.iter().map(|v| (*v as f64) * (*v as f64)).sum::<f64>() / k as f64;
+        let r = 1.0 / (ms + eps as f64).sqrt();
+        for t in 0..k {
+            o[t] = (row[t] as f64 * r) as f32 * g[t];
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpu::ops::testutil::{Rng, assert_close, ctx};
+
+    /// Runs one matmul variant; `wts` is the packed weight buffer, returns `out` after.
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        spec: MatmulSpec,
+        a: &[f32],
+        wts: &[f32],
+        out_init: &[f32],
+        p: MatmulParams,
+        extra_gen: Option<&[u32]>,
+        kv_len: usize,
+        rope: Option<&[f32]>,
+        xw_len: usize,
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let ctx = ctx();
+        let op = Matmul::new(ctx, spec).unwrap();
+        let ab = ctx.storage_init("a", a).unwrap();
+        let wb = ctx.storage_init("w", wts).unwrap();
+        let ob = ctx.storage_init("out", out_init).unwrap();
+        let gb = extra_gen.map(|g| ctx.storage_init("state", g).unwrap());
+        let kvb = ctx.storage("kv", (kv_len.max(1) * 4) as u64).unwrap();
+        let rb = rope.map(|r| ctx.storage_init("rope", r).unwrap());
+        let xb = ctx.storage("xw", (xw_len.max(1) * 4) as u64).unwrap();
+        let mut arena = ParamArena::new(ctx, 4).unwrap();
+        let bg = op
+            .bind(
+                ctx,
+                &arena,
+                &ab,
+                &wb,
+                &ob,
+                Extra {
+                    state: gb.as_ref(),
+                    xw: Some(&xb),
+                    kv: Some(&kvb),
+                    rope: rb.as_ref(),
+                },
+            )
+            .unwrap();
+        let mut rec = Recorder::new(ctx, &mut arena);
+        op.record(&mut rec, &bg, &p).unwrap();
+        rec.submit(ctx).unwrap();
+        (
+            ctx.read_f32(&ob, 0, out_init.len()).unwrap(),
+            ctx.read_f32(&kvb, 0, kv_len).unwrap(),
+            ctx.read_f32(&xb, 0, xw_len).unwrap(),
+        )
+    }
+
+    fn base(m: usize, n: usize, k: usize) -> MatmulParams {
+        MatmulParams {
+            m: m as u32,
+            n: n as u32,
+            k: k as u32,
+            ldc: n as u32,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn matmul_bias_relu_addrow() {
+        for (tile, m, n, k) in [(Tile::Large, 70, 37, 45), (Tile::Small, 13, 33, 29)] {
+            let mut rng = Rng(11);
+            let a = rng.vec(m * k, 1.0);
+            let w = rng.vec(n * k, 1.0);
+            let bias = rng.vec(n, 1.0);
+            let add = rng.vec(5 * n, 1.0);
+            let wts: Vec<f32> = [w.clone(), bias.clone(), add.clone()].concat();
+            let mut p = base(m, n, k);
+            p.b_off = (n * k) as u32;
+            p.add_off = (n * k + n) as u32;
+            p.add_mod = 5;
+            let spec = MatmulSpec::new(ALoad::Plain, Epi::Store, tile)
+                .bias()
+                .relu();
+            let (got, _, _) = run(spec, &a, &wts, &vec![0.0; m * n], p, None, 0, None, 0);
+            let mut want = matmul_cpu(&a, &w, m, n, k);
+            for i in 0..m {
+                for j in 0..n {
+                    want[i * n + j] = (want[i * n + j] + bias[j]).max(0.0);
+                }
+            }
+            assert_close(
+                &format!("matmul bias relu {tile:?}"),
+                &got,
+                &want,
+                1e-5,
+                1e-5,
+            );
+
+            let spec = MatmulSpec::new(ALoad::Plain, Epi::Store, tile)
+                .bias()
+                .addrow();
+            let (got, _, _) = run(spec, &a, &wts, &vec![0.0; m * n], p, None, 0, None, 0);
+            let mut want = matmul_cpu(&a, &w, m, n, k);
+            for i in 0..m {
+                for j in 0..n {
+                    want[i * n + j] = want[i * n + j] + bias[j] + add[(i % 5) * n + j];
+                }
+            }
+            assert_close(
+                &format!("matmul bias addrow {tile:?}"),
+                &got,
+                &want,
+                1e-5,
+                1e-5,
+            );
+        }
+    }
+
+    #[test]
+    fn matmul_residual_and_swiglu() {
+        let (m, n, k) = (19, 22, 35);
+        let mut rng = Rng(12);
+        let a = rng.vec(m * k, 1.0);
+        let w = rng.vec(n * k, 1.0);
+        let x0 = rng.vec(m * n, 1.0);
+        let spec = MatmulSpec::new(ALoad::Plain, Epi::Residual, Tile::Small);
+        let (got, _, _) = run(spec, &a, &w, &x0, base(m, n, k), None, 0, None, 0);
+        let mm = matmul_cpu(&a, &w, m, n, k);
+        let want: Vec<f32> = x0.iter().zip(&mm).map(|(x, y)| x + y).collect();
+        assert_close("matmul residual", &got, &want, 1e-5, 1e-5);
+
+        // SwiGLU: rows interleave gate/up; N/2 outputs per row.
+        let spec = MatmulSpec::new(ALoad::Plain, Epi::Swiglu, Tile::Large);
+        let mut p = base(m, n, k);
+        p.ldc = (n / 2) as u32;
+        let (got, _, _) = run(spec, &a, &w, &vec![0.0; m * n / 2], p, None, 0, None, 0);
+        let mut want = vec![0.0f32; m * n / 2];
+        for i in 0..m {
+            for j in 0..n / 2 {
+                let g = mm[i * n + 2 * j];
+                let u = mm[i * n + 2 * j + 1];
+                want[i * n / 2 + j] = g / (1.0 + (-g).exp()) * u;
+            }
+        }
+        assert_close("matmul swiglu", &got, &want, 1e-5, 1e-5);
+    }
+
+    #[test]
+    fn matmul_rmsnorm_rows_and_last_slot() {
+        let (m, n, k) = (21, 26, 37);
+        let mut rng = Rng(13);
+        let a = rng.vec(m * k, 2.0);
+        let w = rng.vec(n * k, 1.0);
+        let g = rng.vec(k, 1.0);
+        let wts = [w.clone(), g.clone()].concat();
+        let mut p = base(m, n, k);
+        p.g_off = (n * k) as u32;
+        p.eps = 1e-5;
+        for tile in [Tile::Large, Tile::Small] {
+            let spec = MatmulSpec::new(ALoad::Rms, Epi::Store, tile);
+            let (got, _, _) = run(spec, &a, &wts, &vec![0.0; m * n], p, None, 0, None, 0);
+            let want = matmul_cpu(&rmsnorm_cpu(&a, &g, k, 1e-5), &w, m, n, k);
+            assert_close(&format!("matmul rmsnorm {tile:?}"), &got, &want, 2e-5, 1e-5);
+        }
+        // Heads: row m of the output is the last of nt = 7 slots of batch row m.
+        let nt = 7;
+        let b = m / nt;
+        let mut p2 = p;
+        p2.m = b as u32;
+        p2.nt = nt as u32;
+        let spec = MatmulSpec::new(ALoad::Rms, Epi::Store, Tile::Small).last();
+        let (got, _, _) = run(spec, &a, &wts, &vec![0.0; b * n], p2, None, 0, None, 0);
+        let last: Vec<f32> = (0..b)
+            .flat_map(|r| a[(r * nt + nt - 1) * k..(r * nt + nt) * k].to_vec())
+            .collect();
+        let want = matmul_cpu(&rmsnorm_cpu(&last, &g, k, 1e-5), &w, b, n, k);
+        assert_close("matmul rmsnorm last slot", &got, &want, 2e-5, 1e-5);
+    }
+
+    #[test]
+    fn matmul_patchify() {
+        // 3 frames, 3x3 grid of 5x5 patches (img 15), 6 output channels.
+        let (frames, grid, ps, n) = (3usize, 3usize, 5usize, 6usize);
+        let img = grid * ps;
+        let k = 3 * ps * ps;
+        let mut rng = Rng(14);
+        let x = rng.vec(frames * 3 * img * img, 1.0);
+        let w = rng.vec(n * k, 1.0);
+        let bias = rng.vec(n, 1.0);
+        let wts = [w.clone(), bias.clone()].concat();
+        let m = frames * grid * grid;
+        let mut p = base(m, n, k);
+        p.b_off = (n * k) as u32;
+        p.grid = grid as u32;
+        p.img = img as u32;
+        p.psize = ps as u32;
+        let spec = MatmulSpec::new(ALoad::Patch, Epi::Store, Tile::Large).bias();
+        let (got, _, _) = run(spec, &x, &wts, &vec![0.0; m * n], p, None, 0, None, 0);
+        let mut cols = vec![0.0f32; m * k];
+        for f in 0..frames {
+            for py in 0..grid {
+                for px in 0..grid {
+                    let row = (f * grid + py) * grid + px;
+                    for c in 0..3 {
+                        for ky in 0..ps {
+                            for kx in 0..ps {
+                                cols[row * k + (c * ps + ky) * ps + kx] =
+                                    x[((f * 3 + c) * img + py * ps + ky) * img + px * ps + kx];
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let mut want = matmul_cpu(&cols, &w, m, n, k);
+        for i in 0..m {
+            for j in 0..n {
+                want[i * n + j] += bias[j];
+            }
+        }
+        assert_close("matmul patchify", &got, &want, 1e-5, 1e-5);
+    }
+
+    /// Causal 3x3x3 conv over a ring window: frames before the stream start are zero slots.
+    #[test]
+    fn matmul_causal_conv3_ring() {
+        let (b, tc, wn, g, cin, n, t0) = (2usize, 3usize, 5usize, 4usize, 7usize, 6usize, 4usize);
+        let hw = g * g;
+        let k = 27 * cin;
+        let mut rng = Rng(15);
+        // Session frames t0-2 .. t0+tc-1 (the two before t0 are the cache).
+        let nf = tc + 2;
+        let frames: Vec<f32> = rng.vec(b * nf * hw * cin, 1.0);
+        let fr =
+            |bb: usize, f: usize, s: usize, c: usize| frames[((bb * nf + f) * hw + s) * cin + c];
+        // Ring layout: session frame t in slot (t + 2) % wn.
+        let mut ring = vec![0.0f32; b * wn * hw * cin];
+        for bb in 0..b {
+            for f in 0..nf {
+                let t = t0 + f - 2;
+                let slot = (t + 2) % wn;
+                for s in 0..hw {
+                    for c in 0..cin {
+                        ring[((bb * wn + slot) * hw + s) * cin + c] = fr(bb, f, s, c);
+                    }
+                }
+            }
+        }
+        // Weight in torch layout [n, cin, 3, 3, 3] and reordered to [n, tap, cin].
+        let wt = rng.vec(n * cin * 27, 1.0);
+        let mut wr = vec![0.0f32; n * k];
+        for o in 0..n {
+            for c in 0..cin {
+                for tap in 0..27 {
+                    wr[(o * 27 + tap) * cin + c] = wt[(o * cin + c) * 27 + tap];
+                }
+            }
+        }
+        let bias = rng.vec(n, 1.0);
+        let wts = [wr, bias.clone()].concat();
+        let m = b * tc * hw;
+        let mut p = base(m, n, k);
+        p.b_off = (n * k) as u32;
+        p.grid = g as u32;
+        p.cin = cin as u32;
+        p.frames_in = wn as u32;
+        p.frames_out = tc as u32;
+        p.t0 = t0 as u32;
+        let spec = MatmulSpec::new(ALoad::Conv3, Epi::Store, Tile::Large)
+            .bias()
+            .relu();
+        let (got, _, _) = run(spec, &ring, &wts, &vec![0.0; m * n], p, None, 0, None, 0);
+        let mut want = vec![0.0f32; m * n];
+        for bb in 0..b {
+            for j in 0..tc {
+                for y in 0..g as i64 {
+                    for x in 0..g as i64 {
+                        let row = ((bb * tc + j) * hw) + (y as usize) * g + x as usize;
+                        for o in 0..n {
+                            let mut s = bias[o] as f64;
+                            for dt in 0..3 {
+                                for dy in 0..3i64 {
+                                    for dx in 0..3i64 {
+                                        let (yy, xx) = (y + dy - 1, x + dx - 1);
+                                        if yy < 0 || xx < 0 || yy >= g as i64 || xx >= g as i64 {
+                                            continue;
+                                        }
+                                        let sp = (yy as usize) * g + xx as usize;
+                                        for c in 0..cin {
+                                            let wv = wt[(o * cin + c) * 27
+                                                + dt * 9
+                                                + (dy * 3 + dx) as usize];
+                                            s += wv as f64 * fr(bb, j + dt, sp, c) as f64;
+                                        }
+                                    }
+                                }
+                            }
+                            want[row * n + o] = (s as f32).max(0.0);
+                        }
+                    }
+                }
+            }
+        }
+        assert_close("matmul causal conv3 (ring)", &got, &want, 2e-5, 1e-5);
+    }
+}
+
+/// GEMM throughput probe (profiling aid): `-- --ignored bench_matmul --nocapture`.
+#[cfg(test)]
+mod bench {
+    use super::*;
+    use crate::gpu::ops::testutil::{Rng, ctx};
+
+    #[test]
+    #[ignore]
+    fn bench_matmul() {
+        let ctx = ctx();
+        for (tile, a_mode, m, n, k) in [
+            (Tile::Large, ALoad::Plain, 2048usize, 2048usize, 2048usize),
+            (Tile::Large, ALoad::Plain, 3136, 192, 5184),
+            (Tile::Small, ALoad::Plain, 10, 576, 192),
+            (Tile::Small, ALoad::Rms, 10, 576, 192),
+            (Tile::Large, ALoad::Rms, 206, 768, 192),
+        ] {
+            let mut rng = Rng(1);
+            let a = rng.vec(m * k, 1.0);
+            let w = rng.vec(n * k + k, 1.0);
+            let ab = ctx.storage_init("a", &a).unwrap();
+            let wb = ctx.storage_init("w", &w).unwrap();
+            let ob = ctx.storage("o", (m * n * 4) as u64).unwrap();
+            let op = Matmul::new(ctx, MatmulSpec::new(a_mode, Epi::Store, tile)).unwrap();
+            let mut arena = ParamArena::new(ctx, 2).unwrap();
+            let bg = op
+                .bind(ctx, &arena, &ab, &wb, &ob, Extra::default())
+                .unwrap();
+            let p = MatmulParams {
+                m: m as u32,
+                n: n as u32,
+                k: k as u32,
+                ldc: n as u32,
+                g_off: (n * k) as u32,
+                eps: 1e-5,
+                ..Default::default()
+            };
+            let reps = 20;
+            let mut best = f64::MAX;
+            for _ in 0..3 {
+                let t0 = std::time::Instant::now();
+                let mut rec = Recorder::new(ctx, &mut arena);
+                for _ in 0..reps {
+                    op.record(&mut rec, &bg, &p).unwrap();
+                }
+                rec.submit(ctx).unwrap();
+                ctx.wait().unwrap();
+                best = best.min(t0.elapsed().as_secs_f64() / reps as f64);
+            }
+            eprintln!(
+                "matmul {tile:?} {a_mode:?} {m}x{n}x{k}: {:.1} us, {:.2} TFLOP/s",
+                best * 1e6,
+                2.0 * (m * n * k) as f64 / best / 1e12
+            );
+        }
+    }
+}

@@ -1,0 +1,384 @@
+//! Parity with the official implementation: the fixtures in `shared/fixtures/official`
+//! (`$AUTOGAZE_FIXTURES`). These tests fail, not skip, when the fixtures are missing.
+//!
+//! One generate per case (lavapipe is slow): vision embeddings within 1e-4 (cases a, d),
+//! step logits of case a within 1e-3, and exact tokens, padding flags and frame lengths for
+//! cases a, b, c, e, f (streaming), g1 (AnyRes tiles as batch rows).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use safetensors::SafeTensors;
+use safetensors::tensor::Dtype;
+
+use super::engine::{Engine, GenerateOutput, GenerateParams, fixtures_dir};
+
+struct Case {
+    f32s: HashMap<String, (Vec<usize>, Vec<f32>)>,
+    i64s: HashMap<String, (Vec<usize>, Vec<i64>)>,
+    bools: HashMap<String, (Vec<usize>, Vec<bool>)>,
+    u8s: HashMap<String, (Vec<usize>, Vec<u8>)>,
+}
+
+fn case_path(name: &str) -> PathBuf {
+    fixtures_dir()
+        .join("cases")
+        .join(format!("{name}.safetensors"))
+}
+
+fn load_case(name: &str) -> Case {
+    let path = case_path(name);
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| {
+        panic!(
+            "fixture {} missing ({e}); set AUTOGAZE_FIXTURES",
+            path.display()
+        )
+    });
+    let st = SafeTensors::deserialize(&bytes).expect("fixture safetensors");
+    let mut c = Case {
+        f32s: HashMap::new(),
+        i64s: HashMap::new(),
+        bools: HashMap::new(),
+        u8s: HashMap::new(),
+    };
+    for (k, v) in st.tensors() {
+        let shape = v.shape().to_vec();
+        let d = v.data();
+        match v.dtype() {
+            Dtype::F32 => {
+                c.f32s.insert(k, (shape, bytemuck::pod_collect_to_vec(d)));
+            }
+            Dtype::I64 => {
+                c.i64s.insert(k, (shape, bytemuck::pod_collect_to_vec(d)));
+            }
+            Dtype::BOOL => {
+                c.bools
+                    .insert(k, (shape, d.iter().map(|b| *b != 0).collect()));
+            }
+            Dtype::U8 => {
+                c.u8s.insert(k, (shape, d.to_vec()));
+            }
+            other => panic!("unexpected dtype {other:?} for {k}"),
+        }
+    }
+    c
+}
+
+fn engine() -> &'static Engine {
+    static E: OnceLock<Engine> = OnceLock::new();
+    E.get_or_init(|| {
+        let dir = fixtures_dir().join("model");
+        let (cfg, w) = crate::weights::load_model_dir(&dir)
+            .unwrap_or_else(|e| panic!("fixture model {}: {e}", dir.display()));
+        Engine::new(&cfg, &w).unwrap_or_else(|e| panic!("engine: {e}"))
+    })
+}
+
+/// The processor formula for 224-sized frames: [B, T, H, W, 3] uint8 -> [B, T, 3, H, W].
+fn pixels_from_raw(raw: &[u8], shape: &[usize]) -> (Vec<f32>, Vec<usize>) {
+    let (b, t, h, w) = (shape[0], shape[1], shape[2], shape[3]);
+    let mean = [0.485f32, 0.456, 0.406];
+    let std = [0.229f32, 0.224, 0.225];
+    let mut out = vec![0.0f32; b * t * 3 * h * w];
+    for f in 0..b * t {
+        for y in 0..h {
+            for x in 0..w {
+                for ch in 0..3 {
+                    let v = raw[((f * h + y) * w + x) * 3 + ch] as f64;
+                    let s = (v * (1.0 / 127.5)) as f32 - 1.0;
+                    out[((f * 3 + ch) * h + y) * w + x] = (s - mean[ch]) / std[ch];
+                }
+            }
+        }
+    }
+    (out, vec![b, t, 3, h, w])
+}
+
+fn case_a_pixels() -> (Vec<f32>, Vec<usize>) {
+    let a = load_case("a");
+    let (shape, raw) = &a.u8s["raw_frames"];
+    pixels_from_raw(raw, shape)
+}
+
+fn max_diff(got: &[f32], want: &[f32]) -> (f32, usize) {
+    assert_eq!(got.len(), want.len());
+    let mut worst = (0.0f32, 0);
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let d = (g - w).abs();
+        if d.is_nan() || d > worst.0 {
+            worst = (if d.is_nan() { f32::INFINITY } else { d }, i);
+        }
+    }
+    worst
+}
+
+fn check_tokens(name: &str, got: &GenerateOutput, c: &Case) {
+    let (_, counts) = &c.i64s["num_gazing_each_frame"];
+    let want_counts: Vec<usize> = counts.iter().map(|v| *v as usize).collect();
+    let (_, pos) = &c.i64s["gazing_pos"];
+    let (_, pad) = &c.bools["if_padded_gazing"];
+    assert_eq!(
+        got.num_gazing_each_frame, want_counts,
+        "{name}: num_gazing_each_frame"
+    );
+    assert_eq!(got.gazing_pos.len(), pos.len(), "{name}: gazing_pos length");
+    let n = pos.len() / got.batch;
+    for (i, (g, w)) in got.gazing_pos.iter().zip(pos).enumerate() {
+        assert_eq!(g, w, "{name}: gazing_pos[{}, {}]", i / n, i % n);
+    }
+    for (i, (g, w)) in got.if_padded_gazing.iter().zip(pad).enumerate() {
+        assert_eq!(g, w, "{name}: if_padded_gazing[{}, {}]", i / n, i % n);
+    }
+    eprintln!(
+        "{name}: {} slots x {} rows match exactly (frames {:?})",
+        n, got.batch, got.num_gazing_each_frame
+    );
+}
+
+fn params(t: usize, ratio: f32, req: Option<f32>) -> GenerateParams {
+    GenerateParams {
+        gazing_ratio_each_frame: vec![ratio; t],
+        task_loss_requirement: req,
+    }
+}
+
+#[test]
+fn parity_embed_a_and_d() {
+    let e = engine();
+    let (px, shape) = case_a_pixels();
+    let a = load_case("a");
+    let got = e.embed(&px, &shape).expect("embed a");
+    let (d, i) = max_diff(&got, &a.f32s["vision_embeds"].1);
+    eprintln!("case a vision_embeds: max abs diff {d:.3e} (index {i})");
+    assert!(d <= 1e-4, "case a vision_embeds: index {i}: diff {d}");
+
+    // Same through the chunked path (vision in chunks of 5 frames, the conv ring carried).
+    e.set_max_chunk_frames(5);
+    let chunked = e.embed(&px, &shape);
+    e.set_max_chunk_frames(0);
+    let (dc, i) = max_diff(
+        &chunked.expect("embed a chunked"),
+        &a.f32s["vision_embeds"].1,
+    );
+    eprintln!("case a vision_embeds in chunks of 5 frames: max abs diff {dc:.3e} (index {i})");
+    assert!(
+        dc <= 1e-4,
+        "case a chunked vision_embeds: index {i}: diff {dc}"
+    );
+
+    let dcase = load_case("d");
+    let (shape, px) = &dcase.f32s["pixel_values"];
+    let got = e.embed(px, shape).expect("embed d");
+    let (dd, i) = max_diff(&got, &dcase.f32s["vision_embeds"].1);
+    eprintln!("case d (224x398 input) vision_embeds: max abs diff {dd:.3e} (index {i})");
+    assert!(dd <= 1e-4, "case d vision_embeds: index {i}: diff {dd}");
+}
+
+/// Case a: tokens exact and every step's raw logits within 1e-3 of the official ones.
+#[test]
+fn parity_generate_a_with_step_logits() {
+    let e = engine();
+    let (px, shape) = case_a_pixels();
+    let a = load_case("a");
+    let (out, steps, stats) = e
+        .generate_debug(&px, &shape, &params(shape[1], 0.75, Some(0.7)))
+        .expect("generate a");
+    let (lshape, want) = &a.f32s["step_logits"];
+    let rows = lshape[0];
+    let row = lshape[1];
+    let head_rows = steps.len() / rows.max(1);
+    assert_eq!(
+        steps.len() % rows,
+        0,
+        "debug logits hold {} values",
+        steps.len()
+    );
+    let mut worst = (0.0f32, 0usize, 0usize);
+    for r in 0..rows {
+        let g = &steps[r * head_rows..r * head_rows + row];
+        let w = &want[r * row..(r + 1) * row];
+        let (d, i) = max_diff(g, w);
+        if d > worst.0 {
+            worst = (d, r, i);
+        }
+    }
+    eprintln!(
+        "case a step_logits ({rows} steps): max abs diff {:.3e} (step {}, index {}); {} dispatches, {} submits, recording {} us of {} us",
+        worst.0, worst.1, worst.2, stats.dispatches, stats.submits, stats.record_us, stats.total_us
+    );
+    assert!(
+        worst.0 <= 1e-3,
+        "case a step_logits: step {} index {}: diff {}",
+        worst.1,
+        worst.2,
+        worst.0
+    );
+    check_tokens("a", &out, &a);
+}
+
+#[test]
+fn parity_generate_b_ratio_only() {
+    let (px, shape) = case_a_pixels();
+    let out = engine()
+        .generate(&px, &shape, &params(shape[1], 0.75, None))
+        .expect("generate b");
+    check_tokens("b", &out, &load_case("b"));
+}
+
+#[test]
+fn parity_generate_c_requirement_only() {
+    let (px, shape) = case_a_pixels();
+    let out = engine()
+        .generate(&px, &shape, &params(shape[1], 1.0, Some(0.7)))
+        .expect("generate c");
+    check_tokens("c", &out, &load_case("c"));
+}
+
+#[test]
+fn parity_generate_e_batch() {
+    let c = load_case("e");
+    let (shape, raw) = &c.u8s["raw_frames"];
+    let (px, shape) = pixels_from_raw(raw, shape);
+    let out = engine()
+        .generate(&px, &shape, &params(shape[1], 0.75, Some(0.7)))
+        .expect("generate e");
+    check_tokens("e", &out, &c);
+}
+
+#[test]
+fn parity_generate_g1_tiles() {
+    let c = load_case("g1");
+    let (rshape, raw) = &c.u8s["raw_frames"];
+    let (px, shape) = pixels_from_raw(raw, rshape);
+    // 'B (nt t) C (nh h) (nw w) -> (B nt nh nw) t C h w' with t = 1, h = w = 224.
+    let (t, s) = (shape[1], 224usize);
+    let (big_h, big_w) = (shape[3], shape[4]);
+    let (nh, nw) = (big_h / s, big_w / s);
+    let mut tiles = Vec::with_capacity(px.len());
+    for tile_t in 0..t {
+        for i in 0..nh {
+            for j in 0..nw {
+                for ch in 0..3 {
+                    for y in 0..s {
+                        let row = ((tile_t * 3 + ch) * big_h + i * s + y) * big_w + j * s;
+                        tiles.extend_from_slice(&px[row..row + s]);
+                    }
+                }
+            }
+        }
+    }
+    let tshape = vec![t * nh * nw, 1, 3, s, s];
+    let out = engine()
+        .generate(&tiles, &tshape, &params(1, 0.75, Some(0.7)))
+        .expect("generate g1");
+    check_tokens("g1", &out, &c);
+}
+
+/// Case f: the clip of case a streamed one frame per call gives case a's tokens, frame by
+/// frame (`frameTT_*` keys).
+#[test]
+fn parity_streaming_f() {
+    let e = engine();
+    let (px, shape) = case_a_pixels();
+    let f = load_case("f");
+    let t = shape[1];
+    let fsz = 3 * shape[3] * shape[4];
+    let mut sess = e
+        .session(1, t, (shape[3], shape[4]), Some(0.7))
+        .expect("session");
+    let mut all_pos = Vec::new();
+    let mut all_pad = Vec::new();
+    let mut counts = Vec::new();
+    for tt in 0..t {
+        let frame = &px[tt * fsz..(tt + 1) * fsz];
+        let o = sess
+            .step(frame, &[1, 3, shape[3], shape[4]], 0.75)
+            .expect("step");
+        let (_, wpos) = &f.i64s[&format!("frame{tt:02}_gazing_pos")];
+        let (_, wpad) = &f.bools[&format!("frame{tt:02}_if_padded_gazing")];
+        assert_eq!(&o.tokens, wpos, "f: frame {tt} gazing_pos");
+        assert_eq!(&o.if_padded, wpad, "f: frame {tt} if_padded_gazing");
+        all_pos.extend(o.tokens.iter().map(|v| v + 265 * tt as i64));
+        all_pad.extend(o.if_padded);
+        counts.push(o.num_gazing);
+    }
+    let out = GenerateOutput {
+        batch: 1,
+        gazing_pos: all_pos,
+        if_padded_gazing: all_pad,
+        num_gazing_each_frame: counts,
+    };
+    check_tokens("f (streamed)", &out, &f);
+    check_tokens("f = a", &out, &load_case("a"));
+}
+
+/// Timings (not a test of speed): `cargo test --release -- --ignored bench_ --nocapture`.
+/// Warm medians of whole `generate` calls for case a (defaults) and case b (no stop), and
+/// per-frame latency of a streaming session.
+#[test]
+#[ignore]
+fn bench_generate_timings() {
+    let e = engine();
+    eprintln!("device: {:?}", e.context().info);
+    let (px, shape) = case_a_pixels();
+    for (name, p) in [
+        ("a: 0.75 + 0.7", params(shape[1], 0.75, Some(0.7))),
+        ("b: 0.75 only", params(shape[1], 0.75, None)),
+    ] {
+        let mut times = Vec::new();
+        let mut last = None;
+        for _ in 0..5 {
+            let (_, _, s) = e.generate_debug(&px, &shape, &p).expect("generate");
+            times.push(s.total_us);
+            last = Some(s);
+        }
+        times.sort();
+        let s = last.unwrap_or_default();
+        eprintln!(
+            "{name}: median {:.2} ms (runs {:?} us); recording {} us; {} dispatches, {} submits",
+            times[2] as f64 / 1000.0,
+            times,
+            s.record_us,
+            s.dispatches,
+            s.submits
+        );
+    }
+    let fsz = 3 * shape[3] * shape[4];
+    let mut sess = e
+        .session(1, shape[1], (shape[3], shape[4]), Some(0.7))
+        .expect("session");
+    let mut times = Vec::new();
+    for tt in 0..shape[1] {
+        let t0 = std::time::Instant::now();
+        sess.step(
+            &px[tt * fsz..(tt + 1) * fsz],
+            &[1, 3, shape[3], shape[4]],
+            0.75,
+        )
+        .expect("step");
+        times.push(t0.elapsed().as_micros());
+    }
+    let mut sorted = times.clone();
+    sorted.sort();
+    eprintln!(
+        "streaming per-frame: median {} us (frames {:?})",
+        sorted[sorted.len() / 2],
+        times
+    );
+}
+
+/// Per-dispatch timings: `cargo test --release -- --ignored bench_kernels --nocapture`.
+#[test]
+#[ignore]
+fn bench_kernels() {
+    let e = engine();
+    let (px, shape) = case_a_pixels();
+    let rows = e
+        .profile_kernels(&px, &shape, &params(shape[1], 0.75, Some(0.7)), 50)
+        .expect("profile");
+    eprintln!("device: {}", e.context().info.name);
+    for (name, us) in rows {
+        eprintln!("{name:40} {us:10.1} us");
+    }
+}

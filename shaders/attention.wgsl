@@ -1,0 +1,200 @@
+// attention.wgsl: causal attention of this forward's queries over the KV cache, split over
+// key chunks (flash-decoding), then a merge of the chunks.
+//
+// `main`: each workgroup takes QT query slots (one thread each) of one (batch row, head) and
+// one chunk of keys. The chunk is walked in tiles of KT keys that the workgroup loads
+// cooperatively into workgroup memory; every thread keeps its query, an online-softmax
+// state and its output accumulator in registers. Output per (row, head, slot, chunk): a
+// partial (max, sum of exp, unnormalised sum of exp * v).
+// `merge`: one thread per (row, slot, head, dim) combines the chunks into the attention
+// output [B, nt, heads * HD] (read by o_proj).
+//
+// Query slot i of batch row b sits at cache index c_i = base + i and sees keys 0..=c_i whose
+// 0/1 key mask is set. Scores are (q . k) * scale, as the eager reference computes them.
+
+struct Params {
+    batch: u32,
+    nt: u32,          // query slots per batch row
+    cap: u32,         // KV cache capacity
+    nchunk: u32,      // key chunks (grid y)
+    chunk: u32,       // keys per chunk (a multiple of KT)
+    heads: u32,
+    skip_if_done: u32,
+    scale: f32,
+}
+
+const QT: u32 = {{QT}}u;
+const KT: u32 = 32u;
+const HD: u32 = {{HEAD_DIM}}u;
+const HD4: u32 = HD / 4u;
+// Constant trip counts for the cooperative tile loads (KT * HD4 is a multiple of QT).
+const KV_LOADS: u32 = KT * HD4 / QT;
+const MASK_LOADS: u32 = max(KT / QT, 1u);
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> gen: array<u32>;            // generation state
+@group(0) @binding(2) var<storage, read_write> q: array<vec4<f32>>;  // [B, nt, heads*HD]: q in, merged output out
+@group(0) @binding(3) var<storage, read> kv: array<vec4<f32>>;       // [B, cap, 2, heads*HD]
+@group(0) @binding(4) var<storage, read> kvmask: array<u32>;         // [B, cap]
+@group(0) @binding(5) var<storage, read_write> part: array<f32>;     // [B, heads, nt, nchunk, HD+2]
+
+var<workgroup> wg_flag: u32;
+var<workgroup> wg_base: u32;
+var<workgroup> wg_first: u32;
+var<workgroup> tk: array<vec4<f32>, KT * HD4>;
+var<workgroup> tv: array<vec4<f32>, KT * HD4>;
+var<workgroup> tm: array<u32, KT>;
+
+@compute @workgroup_size(QT)
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    if (li == 0u) {
+        wg_flag = gen[S_DONE] * p.skip_if_done;
+        wg_base = gen[S_BASE];
+        wg_first = gen[S_FIRST];
+    }
+    if (workgroupUniformLoad(&wg_flag) != 0u) {
+        return;
+    }
+    let base = bitcast<i32>(workgroupUniformLoad(&wg_base));
+    let first = workgroupUniformLoad(&wg_first);
+    let b = wg.z / p.heads;
+    let h = wg.z % p.heads;
+    let c4 = p.heads * HD4;
+    let i = wg.x * QT + li;
+    let valid = i < p.nt && i >= first;
+    let ci = base + i32(i);
+
+    // Keys this workgroup needs: its chunk, up to the last query's cache index.
+    let i_last = min(p.nt, wg.x * QT + QT) - 1u;
+    let k_lo = wg.y * p.chunk;
+    let k_end = i32(min(k_lo + p.chunk, u32(max(base + i32(i_last) + 1, 0))));
+
+    var qv: array<vec4<f32>, HD4>;
+    var acc: array<vec4<f32>, HD4>;
+    for (var t = 0u; t < HD4; t++) {
+        acc[t] = vec4<f32>(0.0);
+        qv[t] = vec4<f32>(0.0);
+    }
+    if (valid) {
+        let qb = (b * p.nt + i) * c4 + h * HD4;
+        for (var t = 0u; t < HD4; t++) {
+            qv[t] = q[qb + t];
+        }
+    }
+    var m = F32_LOWEST;
+    var l = 0.0;
+    for (var j0 = i32(k_lo); j0 < k_end; j0 += i32(KT)) {
+        // Cooperative tile load: KT keys x HD4 vec4 for K and V, plus the key mask.
+        for (var r = 0u; r < KV_LOADS; r++) {
+            let e = li + r * QT;
+            let kk = e / HD4;
+            let t = e % HD4;
+            let j = j0 + i32(kk);
+            var kvk = vec4<f32>(0.0);
+            var kvv = vec4<f32>(0.0);
+            if (j < k_end) {
+                let kb = (b * p.cap + u32(j)) * 2u * c4 + h * HD4 + t;
+                kvk = kv[kb];
+                kvv = kv[kb + c4];
+            }
+            tk[e] = kvk;
+            tv[e] = kvv;
+        }
+        for (var r = 0u; r < MASK_LOADS; r++) {
+            let kk = li + r * QT;
+            if (kk < KT) {
+                let j = j0 + i32(kk);
+                var mk = 0u;
+                if (j < k_end) {
+                    mk = kvmask[b * p.cap + u32(j)];
+                }
+                tm[kk] = mk;
+            }
+        }
+        workgroupBarrier();
+        if (valid) {
+            let n_here = min(i32(KT), min(k_end, ci + 1) - j0);
+            for (var kk = 0; kk < n_here; kk++) {
+                if (tm[kk] != 0u) {
+                    var s4 = vec4<f32>(0.0);
+                    for (var t = 0u; t < HD4; t++) {
+                        s4 += qv[t] * tk[u32(kk) * HD4 + t];
+                    }
+                    let s = (s4.x + s4.y + s4.z + s4.w) * p.scale;
+                    if (s > m) {
+                        let corr = exp(m - s);
+                        l *= corr;
+                        for (var t = 0u; t < HD4; t++) {
+                            acc[t] *= corr;
+                        }
+                        m = s;
+                    }
+                    let e = exp(s - m);
+                    l += e;
+                    for (var t = 0u; t < HD4; t++) {
+                        acc[t] += e * tv[u32(kk) * HD4 + t];
+                    }
+                }
+            }
+        }
+        workgroupBarrier();
+    }
+    if (i < p.nt) {
+        let o = (((b * p.heads + h) * p.nt + i) * p.nchunk + wg.y) * (HD + 2u);
+        part[o] = m;
+        part[o + 1u] = l;
+        for (var t = 0u; t < HD4; t++) {
+            part[o + 2u + 4u * t] = acc[t].x;
+            part[o + 3u + 4u * t] = acc[t].y;
+            part[o + 4u + 4u * t] = acc[t].z;
+            part[o + 5u + 4u * t] = acc[t].w;
+        }
+    }
+}
+
+// Merges the chunk partials: out[b, i, h*HD + d] = sum_c w_c acc_c[d] / sum_c w_c l_c with
+// w_c = exp(m_c - max_c m_c) over the chunks that saw a key; idle slots get zeros. One
+// thread per (row, slot, head, 4 dims); the output overwrites q (already consumed).
+@compute @workgroup_size(64)
+fn merge(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
+    if (gen[S_DONE] * p.skip_if_done != 0u) {
+        return;
+    }
+    let idx = gid.y * nw.x * 64u + gid.x;
+    let c4 = p.heads * HD4;
+    if (idx >= p.batch * p.nt * c4) {
+        return;
+    }
+    let row = idx / c4;
+    let col = idx % c4;
+    let b = row / p.nt;
+    let i = row % p.nt;
+    let h = col / HD4;
+    let d = (col % HD4) * 4u;
+    let st = HD + 2u;
+    let base = ((b * p.heads + h) * p.nt + i) * p.nchunk;
+    var mx = F32_LOWEST;
+    for (var c = 0u; c < p.nchunk; c++) {
+        let o = (base + c) * st;
+        if (part[o + 1u] > 0.0) {
+            mx = max(mx, part[o]);
+        }
+    }
+    var num = vec4<f32>(0.0);
+    var den = 0.0;
+    for (var c = 0u; c < p.nchunk; c++) {
+        let o = (base + c) * st;
+        let lc = part[o + 1u];
+        if (lc > 0.0) {
+            let w = exp(part[o] - mx);
+            let a = vec4<f32>(part[o + 2u + d], part[o + 3u + d], part[o + 4u + d], part[o + 5u + d]);
+            num += w * a;
+            den += w * lc;
+        }
+    }
+    var r = vec4<f32>(0.0);
+    if (den > 0.0) {
+        r = num / den;
+    }
+    q[idx] = r;
+}
