@@ -36,9 +36,11 @@ test_backends.__test__ = False  # a helper, not a test
 
 @lru_cache(maxsize=None)
 def load_model(backend: str):
+    """The fixture model; AUTOGAZE_TEST_DEVICE (e.g. "cuda") moves the torch-based backends."""
     from autogaze_wgpu import AutoGaze
 
-    return AutoGaze.from_pretrained(MODEL_DIR, backend=backend)
+    device = os.environ.get("AUTOGAZE_TEST_DEVICE") if backend in ("reference", "torch") else None
+    return AutoGaze.from_pretrained(MODEL_DIR, backend=backend, device=device)
 
 
 @lru_cache(maxsize=None)

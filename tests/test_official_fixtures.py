@@ -19,6 +19,7 @@ from conftest import (
     sha256,
 )
 
+from autogaze_wgpu.errors import InputError
 from autogaze_wgpu.outputs import GazeOutput
 
 GENERATE_CASES = ["a", "b", "c", "d", "e", "g1"]
@@ -129,6 +130,10 @@ def test_teacher_forced_scores(backend, name):
     _, data = load_case(name)
     model = load_model(backend)
     out = generated(backend, name)
+    if backend == "wgpu":  # not built yet on this backend: it must say so, not mislead
+        with pytest.raises(InputError, match="not implemented on the wgpu backend"):
+            model.score(case_model_input(name), out)
+        return
     scores = model.score(case_model_input(name), out)
     assert max_abs(scores.gaze_probs, data["tf_gaze_probs"]) <= TOL_PROBS
     assert max_abs(scores.task_loss_prediction, data["tf_task_loss_prediction"]) <= TOL_TASK_LOSS
@@ -156,12 +161,12 @@ def test_step_logits_and_task_loss(name):
     want = data["step_task_loss_prediction"]  # (B, T, S, K), NaN where no step ran
     got = np.full_like(want, np.nan)
     for r in records:
-        got[:, r.frame, r.step] = r.task_loss_prediction.numpy()
+        got[:, r.frame, r.step] = r.task_loss_prediction.cpu().numpy()
     assert_exact("NaN pattern", np.isnan(got), np.isnan(want))
     ran = ~np.isnan(want)
     assert max_abs(got[ran], want[ran]) <= TOL_TASK_LOSS
     if "step_logits" in data:
-        logits = np.stack([r.logits[0].numpy() for r in records])
+        logits = np.stack([r.logits[0].cpu().numpy() for r in records])
         assert_exact("step frame", [r.frame for r in records], data["step_frame_index"])
         assert_exact("step index", [r.step for r in records], data["step_index"])
         assert max_abs(logits, data["step_logits"]) <= TOL_LOGITS

@@ -53,15 +53,16 @@ class AutoGaze:
     ) -> "AutoGaze":
         """Loads ``config.json`` + ``model.safetensors`` from a directory or a Hub repo id.
 
-        backend: "reference" (readable torch; the parity oracle) or "auto".
+        backend: "wgpu" (WGSL on any Vulkan/Metal/DX12 GPU), "torch" (fast CUDA path),
+            "reference" (readable torch; the parity oracle) or "auto" (wgpu when an adapter
+            exists, else torch on CUDA, else reference).
         device: for torch-based backends, e.g. "cpu" or "cuda".
         """
         from . import _native
 
         model_dir = resolve_model_dir(path_or_repo_id)
         config = AutoGazeConfig.from_dict(_native.load_config(str(model_dir)))
-        weights = _native.load_weights(str(model_dir))
-        return cls(config, create_backend(backend, config, weights, device), str(model_dir))
+        return cls(config, create_backend(backend, config, str(model_dir), device), str(model_dir))
 
     @property
     def backend_name(self) -> str:

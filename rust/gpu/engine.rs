@@ -739,6 +739,16 @@ impl Engine {
         &self.inner.ctx
     }
 
+    /// Vision tokens per frame (196 in the release).
+    pub fn num_vision_tokens(&self) -> usize {
+        self.inner.dims.p
+    }
+
+    /// Width of the connector output / decoder hidden size (192 in the release).
+    pub fn hidden_size(&self) -> usize {
+        self.inner.dims.c
+    }
+
     /// Frames per vision chunk that fit the adapter's binding limits.
     fn chunk_frames(&self, b: usize, t: usize, h: usize, w: usize) -> Result<usize> {
         let d = &self.inner.dims;

@@ -4,6 +4,7 @@
 //! One binding file per concern, each with a `register` function called below; errors are
 //! mapped to `autogaze_wgpu.errors` in one place ([`errors`]).
 
+mod engine;
 mod errors;
 mod loader;
 
@@ -15,5 +16,6 @@ use pyo3::prelude::*;
 fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     loader::register(m)?;
+    engine::register(m)?;
     Ok(())
 }

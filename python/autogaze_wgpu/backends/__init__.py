@@ -11,32 +11,42 @@ from typing import Callable
 
 from ..errors import BackendError
 
-# name -> factory(config, weights, device) -> backend. Filled lazily so that importing the
+# name -> factory(config, model_dir, device) -> backend. Filled lazily so that importing the
 # package does not import torch or start a GPU.
 _FACTORIES: dict[str, Callable] = {}
 
 
-def _reference(config, weights, device):
+def _reference(config, model_dir, device):
+    from .. import _native
     from .reference import ReferenceBackend
 
-    return ReferenceBackend(config, weights, device=device)
+    return ReferenceBackend(config, _native.load_weights(model_dir), device=device)
 
 
-def _torch(config, weights, device):
+def _torch(config, model_dir, device):
+    from .. import _native
     from .torch_backend import TorchBackend
 
-    return TorchBackend(config, weights, device=device)
+    return TorchBackend(config, _native.load_weights(model_dir), device=device)
+
+
+def _wgpu(config, model_dir, device):
+    from .wgpu import WgpuBackend
+
+    return WgpuBackend(config, model_dir)
 
 
 _FACTORIES["reference"] = _reference
 _FACTORIES["torch"] = _torch
+_FACTORIES["wgpu"] = _wgpu
 
 
 def available_backends() -> tuple[str, ...]:
     return tuple(_FACTORIES)
 
 
-def create_backend(name: str, config, weights, device=None):
+def create_backend(name: str, config, model_dir: str, device=None):
+    """Builds backend ``name`` for the (validated) model in ``model_dir``."""
     if name == "auto":
         name = _auto_choice()
     try:
@@ -45,7 +55,7 @@ def create_backend(name: str, config, weights, device=None):
         raise BackendError(
             f"unknown backend {name!r}; available: {', '.join(available_backends())} or 'auto'"
         ) from None
-    return factory(config, weights, device)
+    return factory(config, model_dir, device)
 
 
 def _auto_choice() -> str:

@@ -60,7 +60,6 @@ class DecodeState:
         self.requirement = torch.zeros((), device=dev, dtype=f32)
         self.has_requirement = torch.zeros((), device=dev, dtype=torch.bool)
         self.arange_k = torch.arange(self.K, device=dev)
-        self.arange_b = torch.arange(batch, device=dev)
         self.key_idx = torch.arange(capacity, device=dev)
         self.graph = None
         self.steps_per_graph = backend.steps_per_sync
@@ -219,7 +218,9 @@ class DecodeState:
             ok = alive & in_budget & ~exh
             alive = ok
             tok = row.argmax(-1)
-            scores[self.arange_b, k + 1 :, tok] = neg_inf
+            if k + 1 < K:  # scatter, not index_put: no host tensors during graph capture
+                later = scores[:, k + 1 :]
+                later.scatter_(-1, tok[:, None, None].expand(B, K - k - 1, 1), neg_inf)
             picked.append(torch.where(self.finished, pad, tok))
             valid.append(ok)
         step = torch.stack(picked, dim=1)  # (B, K)

@@ -1,0 +1,106 @@
+"""``backend="wgpu"``: the whole model in WGSL compute shaders through the Rust ``wgpu`` crate.
+
+The engine (``rust/gpu/``) keeps the generation loop on the GPU: one submit and one readback
+per clip, one per frame when streaming. Float32 throughout. This file only adapts the
+facade's calls to the native ``WgpuEngine`` / ``WgpuSession``.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+
+from .. import _native
+from ..errors import InputError
+
+
+@lru_cache(maxsize=1)
+def adapter_available() -> bool:
+    """True when wgpu finds a GPU adapter (a CPU Vulkan driver such as lavapipe counts)."""
+    try:
+        _native.wgpu_adapter_info()
+        return True
+    except Exception:
+        return False
+
+
+def _ratio_for_budget(budget: int, V: int) -> float:
+    """A ratio for which the engine's M = max(1, floor(f32(ratio) * V)) is exactly ``budget``
+    (the facade has already turned the user's ratio into a budget; half a token of headroom
+    keeps float rounding away from the floor)."""
+    return (budget + 0.5) / V
+
+
+def _host_f32(video) -> np.ndarray:
+    if not isinstance(video, np.ndarray):
+        video = video.detach().cpu().numpy()
+    return np.ascontiguousarray(video, dtype=np.float32)
+
+
+class WgpuBackend:
+    name = "wgpu"
+    supports_score = False  # the teacher-forced pass is not built on the GPU yet
+
+    def __init__(self, config, model_dir: str):
+        self.config = config
+        self.engine = _native.WgpuEngine(model_dir)
+
+    @property
+    def adapter_name(self) -> str:
+        return self.engine.adapter_name
+
+    def embed(self, video) -> np.ndarray:
+        return self.engine.embed(_host_f32(video))
+
+    def generate(self, video, budgets: list[int], task_loss_requirement, record_steps=False):
+        if record_steps:
+            raise InputError("record_steps is a reference-backend debugging aid")
+        V = self.config.num_vision_tokens_each_frame
+        ratios = [_ratio_for_budget(b, V) for b in budgets]
+        pos, padded, num = self.engine.generate(_host_f32(video), ratios, task_loss_requirement)
+        tokens, start = [], 0
+        for t, n in enumerate(num.tolist()):
+            ids = pos[:, start : start + n] - V * t
+            tokens.append(np.where(padded[:, start : start + n], self.config.pad_token_id, ids))
+            start += n
+        return tokens
+
+    def score(self, video, frame_tokens):
+        raise InputError(
+            "score() is not implemented on the wgpu backend yet; use backend='reference' or 'torch'"
+        )
+
+    def new_stream(self, batch_size: int) -> "WgpuStream":
+        return WgpuStream(self, batch_size)
+
+
+class WgpuStream:
+    """A streaming session; the GPU session is created on the first frame (its size is
+    needed) with room for as many frames as the adapter's binding limits allow, trying
+    ``MAX_FRAMES_TRIED`` in order. Past that, ``step`` raises InputError (start a new session)."""
+
+    MAX_FRAMES_TRIED = (1024, 256, 64, 16)
+
+    def __init__(self, backend: WgpuBackend, batch_size: int):
+        self.backend = backend
+        self.batch_size = batch_size
+        self.session = None
+        self.requirement = None
+
+    def step(self, frame, budget: int, task_loss_requirement) -> np.ndarray:
+        x = _host_f32(frame)
+        if self.session is None:
+            from ..errors import DeviceError
+
+            for i, frames in enumerate(self.MAX_FRAMES_TRIED):
+                try:
+                    self.session = self.backend.engine.session(
+                        self.batch_size, frames, x.shape[-2], x.shape[-1], task_loss_requirement
+                    )
+                    break
+                except DeviceError as e:
+                    if "largest storage binding" not in str(e) or i + 1 == len(self.MAX_FRAMES_TRIED):
+                        raise
+        V = self.backend.config.num_vision_tokens_each_frame
+        return self.session.step(x, _ratio_for_budget(budget, V))

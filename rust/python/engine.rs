@@ -1,0 +1,175 @@
+//! The wgpu engine: `WgpuEngine` (embed, generate) and `WgpuSession` (streaming).
+//!
+//! Inputs are validated by the Python facade (`autogaze_wgpu.inputs`) and checked again here
+//! for shape; all GPU work runs with the GIL released (`py.detach`).
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use numpy::{PyArray1, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
+use pyo3::prelude::*;
+
+use crate::error::Error;
+use crate::gpu::{Engine, GenerateParams, GpuContext, Session};
+use crate::weights::load_model;
+
+pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<WgpuEngine>()?;
+    m.add_class::<WgpuSession>()?;
+    m.add_function(wrap_pyfunction!(wgpu_adapter_info, m)?)?;
+    Ok(())
+}
+
+/// Describes the adapter wgpu would use, as a dict, or raises ``DeviceError`` when there is
+/// none.
+#[pyfunction]
+fn wgpu_adapter_info(py: Python<'_>) -> PyResult<Bound<'_, pyo3::types::PyDict>> {
+    let info = py.detach(|| GpuContext::new().map(|c| c.info.clone()))?;
+    let d = pyo3::types::PyDict::new(py);
+    d.set_item("name", info.name.clone())?;
+    d.set_item("description", format!("{info:?}"))?;
+    Ok(d)
+}
+
+fn contiguous_f32<'a>(x: &'a PyReadonlyArrayDyn<'_, f32>, what: &str) -> PyResult<&'a [f32]> {
+    x.as_slice()
+        .map_err(|_| Error::Input(format!("{what} must be a C-contiguous float32 array")).into())
+}
+
+/// The whole AutoGaze model on a wgpu device (weights uploaded once).
+#[pyclass(module = "autogaze_wgpu._native", frozen)]
+pub struct WgpuEngine {
+    engine: Engine,
+}
+
+#[pymethods]
+impl WgpuEngine {
+    /// Loads ``config.json`` + ``model.safetensors`` from ``model_dir`` and uploads the
+    /// weights to the best GPU adapter. Raises ``DeviceError`` without an adapter.
+    #[new]
+    fn new(py: Python<'_>, model_dir: PathBuf) -> PyResult<Self> {
+        let engine = py.detach(|| -> crate::Result<Engine> {
+            let (config, weights) = load_model(&model_dir)?;
+            Engine::new(&config, &weights)
+        })?;
+        Ok(Self { engine })
+    }
+
+    /// Name of the adapter the engine runs on.
+    #[getter]
+    fn adapter_name(&self) -> String {
+        self.engine.context().info.name.clone()
+    }
+
+    /// ``pixel_values`` float32 (B, T, 3, H, W) -> connector output (B, T, 196, C).
+    fn embed<'py>(
+        &self,
+        py: Python<'py>,
+        pixel_values: PyReadonlyArrayDyn<'py, f32>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let shape = pixel_values.shape().to_vec();
+        let data = contiguous_f32(&pixel_values, "pixel_values")?;
+        let out = py.detach(|| self.engine.embed(data, &shape))?;
+        let (p, c) = (self.engine.num_vision_tokens(), self.engine.hidden_size());
+        Ok(PyArray1::from_vec(py, out)
+            .reshape(vec![shape[0], shape[1], p, c])?
+            .into_any())
+    }
+
+    /// Greedy generation. Returns ``(gazing_pos (B, N) int64, if_padded_gazing (B, N) bool,
+    /// num_gazing_each_frame (T,) int64)``.
+    #[pyo3(signature = (pixel_values, gazing_ratio_each_frame, task_loss_requirement=None))]
+    fn generate<'py>(
+        &self,
+        py: Python<'py>,
+        pixel_values: PyReadonlyArrayDyn<'py, f32>,
+        gazing_ratio_each_frame: Vec<f32>,
+        task_loss_requirement: Option<f32>,
+    ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>, Bound<'py, PyAny>)> {
+        let shape = pixel_values.shape().to_vec();
+        let data = contiguous_f32(&pixel_values, "pixel_values")?;
+        let params = GenerateParams {
+            gazing_ratio_each_frame,
+            task_loss_requirement,
+        };
+        let out = py.detach(|| self.engine.generate(data, &shape, &params))?;
+        let b = out.batch;
+        let n = if b == 0 { 0 } else { out.gazing_pos.len() / b };
+        let num: Vec<i64> = out
+            .num_gazing_each_frame
+            .iter()
+            .map(|&v| v as i64)
+            .collect();
+        Ok((
+            PyArray1::from_vec(py, out.gazing_pos)
+                .reshape(vec![b, n])?
+                .into_any(),
+            PyArray1::from_vec(py, out.if_padded_gazing)
+                .reshape(vec![b, n])?
+                .into_any(),
+            PyArray1::from_vec(py, num).into_any(),
+        ))
+    }
+
+    /// Starts a streaming session of ``batch`` rows for up to ``max_frames`` frames of size
+    /// (height, width).
+    #[pyo3(signature = (batch, max_frames, height, width, task_loss_requirement=None))]
+    fn session(
+        &self,
+        py: Python<'_>,
+        batch: usize,
+        max_frames: usize,
+        height: usize,
+        width: usize,
+        task_loss_requirement: Option<f32>,
+    ) -> PyResult<WgpuSession> {
+        let s = py.detach(|| {
+            self.engine
+                .session(batch, max_frames, (height, width), task_loss_requirement)
+        })?;
+        Ok(WgpuSession {
+            session: Mutex::new(s),
+        })
+    }
+}
+
+/// A streaming session: KV cache, conv cache and state stay on the GPU between frames.
+#[pyclass(module = "autogaze_wgpu._native", frozen)]
+pub struct WgpuSession {
+    session: Mutex<Session>,
+}
+
+#[pymethods]
+impl WgpuSession {
+    /// Runs one frame (B, 1, 3, H, W); returns its ids within the frame (B, n) int64
+    /// (pad = 265).
+    fn step<'py>(
+        &self,
+        py: Python<'py>,
+        pixel_values: PyReadonlyArrayDyn<'py, f32>,
+        gazing_ratio: f32,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let shape = pixel_values.shape().to_vec();
+        let data = contiguous_f32(&pixel_values, "pixel_values")?;
+        let out = py.detach(|| {
+            let mut s = self.session.lock().map_err(|_| {
+                Error::Backend("a previous step panicked; start a new session".into())
+            })?;
+            s.step(data, &shape, gazing_ratio)
+        })?;
+        let b = out.batch;
+        Ok(PyArray1::from_vec(py, out.tokens)
+            .reshape(vec![b, out.num_gazing])?
+            .into_any())
+    }
+
+    /// Frames run so far.
+    #[getter]
+    fn frames(&self) -> PyResult<usize> {
+        let s = self
+            .session
+            .lock()
+            .map_err(|_| Error::Backend("session poisoned".into()))?;
+        Ok(s.frames())
+    }
+}
