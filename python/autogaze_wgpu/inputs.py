@@ -54,14 +54,21 @@ def as_pixel_values(pixel_values: Any) -> Any:
     if is_torch:
         import torch
 
-        x = x.to(torch.float32).contiguous()
-        if not bool(torch.isfinite(x).all()):
-            raise InputError("pixel_values contain NaN or Inf")
-        return x
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    if not np.isfinite(x).all():
-        raise InputError("pixel_values contain NaN or Inf")
-    return x
+        y = x.to(torch.float32).contiguous()
+        if not bool(torch.isfinite(y).all()):
+            raise InputError(_non_finite_message(bool(torch.isfinite(x).all())))
+        return y
+    with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf: reported
+        y = np.ascontiguousarray(x, dtype=np.float32)
+    if not np.isfinite(y).all():
+        raise InputError(_non_finite_message(bool(np.isfinite(x).all())))
+    return y
+
+
+def _non_finite_message(finite_before_cast: bool) -> str:
+    if finite_before_cast:
+        return "pixel_values hold values beyond float32's range (|x| > 3.4e38), which would be Inf"
+    return "pixel_values contain NaN or Inf"
 
 
 def gazing_budget(gazing_ratio: float, num_vision_tokens: int) -> int:
@@ -93,12 +100,21 @@ def resolve_gazing_params(
     if isinstance(gazing_ratio, (int, float, np.floating, np.integer)) and not isinstance(gazing_ratio, bool):
         ratios = [float(gazing_ratio)] * num_frames
     else:
+        # A str is iterable ("1" would read as [1.0]) and float(True) is 1.0: refuse both
+        # rather than guess.
+        if isinstance(gazing_ratio, (str, bytes, bool, np.bool_)):
+            raise InputError(
+                f"gazing_ratio must be a number or a list of numbers (one per frame), got {gazing_ratio!r}"
+            )
         try:
-            ratios = [float(r) for r in gazing_ratio]
+            items = list(gazing_ratio)  # once: it may be a one-shot iterator
+            ratios = [float(r) for r in items]
         except (TypeError, ValueError):
             raise InputError(
                 f"gazing_ratio must be a number or a list of numbers (one per frame), got {gazing_ratio!r}"
             ) from None
+        if any(isinstance(r, (str, bytes, bool, np.bool_)) for r in items):
+            raise InputError(f"gazing_ratio must hold numbers, not bools or strings: {gazing_ratio!r}")
         if len(ratios) != num_frames:
             raise InputError(
                 f"gazing_ratio has {len(ratios)} values but the video has {num_frames} frames"
@@ -107,6 +123,10 @@ def resolve_gazing_params(
         if not (math.isfinite(r) and 0.0 < r <= 1.0):
             raise InputError(f"gazing_ratio must be in (0, 1], got {r}")
     if task_loss_requirement is not None:
+        if isinstance(task_loss_requirement, (str, bytes, bool, np.bool_)):
+            raise InputError(
+                f"task_loss_requirement must be a number or None, got {task_loss_requirement!r}"
+            )
         try:
             req = float(task_loss_requirement)
         except (TypeError, ValueError):

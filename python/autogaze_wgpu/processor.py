@@ -93,7 +93,7 @@ class AutoGazeProcessor:
 
     def __call__(self, frames: Any, return_tensors: Optional[str] = "np"):
         """uint8 RGB(A) frames (T, H, W, C) or (B, T, H, W, C) -> float32 (B, T, 3, H', W')."""
-        video = _as_uint8_video(frames)
+        video = as_uint8_video(frames)
         B, T, H, W, _ = video.shape
         out_h, out_w = self.output_size(H, W)
         if (out_h, out_w) != (H, W):
@@ -132,30 +132,43 @@ class AutoGazeProcessor:
         return np.ascontiguousarray(np.moveaxis(x, -1, -3))
 
 
-def _as_uint8_video(frames: Any) -> np.ndarray:
-    """Validates frames and returns a C-contiguous uint8 (B, T, H, W, 3) array."""
+def as_uint8_video(frames: Any, batched: bool = True) -> np.ndarray:
+    """Validates uint8 RGB(A) frames; returns C-contiguous uint8 with 3 channels.
+
+    batched=True: (T, H, W, C) or (B, T, H, W, C) -> (B, T, H, W, 3) (the processor).
+    batched=False: (H, W, C) or (T, H, W, C) -> (T, H, W, 3) (one video, the video tools).
+    Accepts numpy, torch (any device) or a list of equally-sized frames; alpha is dropped.
+    """
     if hasattr(frames, "detach") and hasattr(frames, "cpu"):  # torch tensor
         frames = frames.detach().cpu().numpy()
     elif isinstance(frames, (list, tuple)):
-        try:
-            frames = np.stack([np.asarray(f) for f in frames])
-        except ValueError as e:
-            raise InputError(f"frames in a list must all have the same shape: {e}") from None
+        if not frames:
+            raise InputError("frames must not be empty")
+        parts = [np.asarray(f.detach().cpu().numpy() if hasattr(f, "detach") else f) for f in frames]
+        shapes = {p.shape for p in parts}
+        if len(shapes) != 1:
+            raise InputError(f"frames in a list must all have the same shape, got {sorted(shapes)}")
+        frames = np.stack(parts)
     if not isinstance(frames, np.ndarray):
-        raise InputError(f"frames must be a numpy array, torch tensor or list, got {type(frames).__name__}")
+        raise InputError(
+            f"frames must be a numpy array, a torch tensor or a list of frames, got {type(frames).__name__}"
+        )
     if frames.dtype != np.uint8:
         raise InputError(
-            f"frames must be uint8 RGB (0-255), got dtype {frames.dtype}; float input that is "
-            "already normalised goes straight to the model as pixel_values"
+            f"frames must be uint8 RGB(A) (0-255), got dtype {frames.dtype}; already-normalised "
+            "float input goes to AutoGaze.generate as pixel_values"
         )
-    if frames.ndim == 4:
+    want = 5 if batched else 4
+    if frames.ndim == want - 1:
         frames = frames[None]
-    if frames.ndim != 5:
-        raise InputError(
-            f"frames must have shape (T, H, W, C) or (B, T, H, W, C), got {tuple(frames.shape)}"
-        )
+    if frames.ndim != want:
+        forms = "(T, H, W, C) or (B, T, H, W, C)" if batched else "(T, H, W, C) or (H, W, C)"
+        hint = "" if batched else "; a batch of videos is a list of calls, one per video"
+        raise InputError(f"frames must have shape {forms}, got {tuple(frames.shape)}{hint}")
     if frames.shape[-1] not in (3, 4):
-        raise InputError(f"frames must have 3 (RGB) or 4 (RGBA) channels, got {frames.shape[-1]}")
-    if min(frames.shape[:4]) == 0:
+        raise InputError(
+            f"frames must have 3 (RGB) or 4 (RGBA) channels last, got shape {tuple(frames.shape)}"
+        )
+    if min(frames.shape[:-1]) == 0:
         raise InputError(f"frames must not be empty, got shape {tuple(frames.shape)}")
     return np.ascontiguousarray(frames[..., :3])

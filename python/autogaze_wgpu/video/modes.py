@@ -337,45 +337,8 @@ def resize_uint8(frames: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def as_uint8_frames(frames: Any) -> np.ndarray:
-    """Frames for the video tools -> C-contiguous uint8 (T, H, W, 3).
+    """Frames of one video for the video tools -> C-contiguous uint8 (T, H, W, 3); see
+    :func:`autogaze_wgpu.processor.as_uint8_video` for what is accepted."""
+    from ..processor import as_uint8_video
 
-    Accepts uint8 RGB or RGBA: (T, H, W, C) or one (H, W, C) frame, as numpy, torch (CPU or
-    not) or a list of equally-sized frames. Alpha is dropped.
-    """
-    if hasattr(frames, "detach") and hasattr(frames, "cpu"):
-        frames = frames.detach().cpu().numpy()
-    elif isinstance(frames, (list, tuple)):
-        if not frames:
-            raise InputError("frames must not be empty")
-        parts = []
-        for f in frames:
-            if hasattr(f, "detach") and hasattr(f, "cpu"):
-                f = f.detach().cpu().numpy()
-            parts.append(np.asarray(f))
-        shapes = {p.shape for p in parts}
-        if len(shapes) != 1:
-            raise InputError(f"frames in a list must all have the same shape, got {sorted(shapes)}")
-        frames = np.stack(parts)
-    if not isinstance(frames, np.ndarray):
-        raise InputError(
-            f"frames must be a numpy array, a torch tensor or a list of frames, got {type(frames).__name__}"
-        )
-    if frames.dtype != np.uint8:
-        raise InputError(
-            f"frames must be uint8 RGB(A) (0-255), got dtype {frames.dtype}; already-normalised "
-            "float input goes to AutoGaze.generate as pixel_values"
-        )
-    if frames.ndim == 3:
-        frames = frames[None]
-    if frames.ndim != 4:
-        raise InputError(
-            f"frames must have shape (T, H, W, C) or (H, W, C), got {tuple(frames.shape)}; "
-            "a batch of videos is a list of calls, one per video"
-        )
-    if frames.shape[-1] not in (3, 4):
-        raise InputError(
-            f"frames must have 3 (RGB) or 4 (RGBA) channels last, got shape {tuple(frames.shape)}"
-        )
-    if min(frames.shape[:3]) == 0:
-        raise InputError(f"frames must not be empty, got shape {tuple(frames.shape)}")
-    return np.ascontiguousarray(frames[..., :3])
+    return as_uint8_video(frames, batched=False)
