@@ -385,12 +385,6 @@ def test_threads_on_one_wgpu_model():
     _threads_match_serial(model, inputs, 0.05, timeout_s=300)
 
 
-@pytest.mark.xfail(
-    reason="torch backend: TorchBackend caches one DecodeState per (batch, capacity) and shares "
-    "it between threads, so concurrent generate() calls race (wrong tokens or a raw torch "
-    "RuntimeError). Needs a lock or per-thread states in backends/torch_backend.py (issue 6).",
-    strict=False,
-)
 def test_threads_on_one_torch_model():
     model = ag.AutoGaze.from_pretrained(MODEL_DIR, backend="torch", device="cpu")
     inputs = [_pixels(300 + i, T=2) for i in range(4)]

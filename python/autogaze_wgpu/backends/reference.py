@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Optional
 
 import numpy as np
@@ -23,10 +24,16 @@ def require_torch():
     return torch
 
 
+# The TF32 flags are process-wide: calls that switch them are serialised (re-entrant, since
+# generate() enters the context again through embed()).
+_TF32_LOCK = threading.RLock()
+
+
 @contextlib.contextmanager
 def no_tf32():
     """No autograd and TF32 off for the duration of a call: with TF32 on, even the official
     model's tokens change on NVIDIA GPUs (SPEC §8). The global settings are restored after."""
+    _TF32_LOCK.acquire()
     m, c = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -36,6 +43,7 @@ def no_tf32():
     finally:
         torch.backends.cuda.matmul.allow_tf32 = m
         torch.backends.cudnn.allow_tf32 = c
+        _TF32_LOCK.release()
 
 
 class ReferenceBackend:

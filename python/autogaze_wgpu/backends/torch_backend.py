@@ -17,6 +17,7 @@ Parity mode (the default) is float32 with TF32 off; it gives the reference's tok
 from __future__ import annotations
 
 import math
+import threading
 from typing import Optional
 
 import numpy as np
@@ -294,6 +295,8 @@ class TorchBackend(ReferenceBackend):
         # Small-matrix path for few rows (see _gemv); on by default on CUDA only.
         self.small_ops = self.device.type == "cuda" if small_ops is None else bool(small_ops)
         self._states: dict[tuple[int, int], DecodeState] = {}
+        # Cached decode states (and their CUDA graphs) are shared: one call at a time.
+        self._lock = threading.Lock()
 
     def capacity(self, num_frames: int, budgets: list[int]) -> int:
         P = self.config.connector.num_tokens
@@ -313,7 +316,7 @@ class TorchBackend(ReferenceBackend):
     def generate(self, video, budgets: list[int], task_loss_requirement, record_steps=False):
         if record_steps:
             return super().generate(video, budgets, task_loss_requirement, record_steps=True)
-        with no_tf32():
+        with self._lock, no_tf32():
             emb = self.embed(video)
             B, T = emb.shape[:2]
             st = self.state(B, self.capacity(T, budgets))
