@@ -18,7 +18,7 @@ from .config import AutoGazeConfig
 from .errors import InputError
 from .hub import resolve_model_dir
 from .inputs import as_pixel_values, check_num_frames, gazing_budget, resolve_gazing_params
-from .outputs import GazeOutput, ScoreOutput, assemble_output
+from .outputs import GazeOutput, ScoreOutput, assemble_output, split_frame_tokens
 from .resolution import input_res_adapt, recover_output_from_res_adapt
 from .video.pipeline import run_video
 
@@ -202,13 +202,9 @@ def _frame_tokens_from_output(out: GazeOutput, cfg: AutoGazeConfig, B: int, T: i
             f"gazes do not fit the video: num_gazing_each_frame {num.shape}, gazing_pos "
             f"{pos.shape}, if_padded_gazing {pad_flags.shape} for B={B}, T={T}"
         )
-    V, pad = cfg.num_vision_tokens_each_frame, cfg.pad_token_id
-    tokens, start = [], 0
-    for t, n in enumerate(num):
-        ids = pos[:, start : start + n] - V * t
-        ids = np.where(pad_flags[:, start : start + n], pad, ids)
+    tokens = split_frame_tokens(pos, pad_flags, num, cfg)
+    pad = cfg.pad_token_id
+    for t, ids in enumerate(tokens):
         if ((ids < 0) | (ids > pad)).any():
             raise InputError(f"gazing_pos of frame {t} holds ids outside frame {t}")
-        tokens.append(ids)
-        start += n
     return tokens

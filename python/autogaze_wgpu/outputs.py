@@ -112,3 +112,16 @@ def assemble_output(frame_tokens: list[np.ndarray], cfg: AutoGazeConfig, first_f
         gazing_mask=tokens_to_masks(frame_tokens, cfg),
         frame_tokens=frame_tokens,
     )
+
+
+def split_frame_tokens(
+    gazing_pos: np.ndarray, if_padded_gazing: np.ndarray, num_gazing_each_frame, cfg: AutoGazeConfig
+) -> list[np.ndarray]:
+    """The inverse of :func:`assemble_output`: per-frame ids within the frame (pads -> pad id)."""
+    V, pad = cfg.num_vision_tokens_each_frame, cfg.pad_token_id
+    tokens, start = [], 0
+    for t, n in enumerate(np.asarray(num_gazing_each_frame).tolist()):
+        ids = gazing_pos[:, start : start + n] - V * t
+        tokens.append(np.where(if_padded_gazing[:, start : start + n], pad, ids))
+        start += n
+    return tokens

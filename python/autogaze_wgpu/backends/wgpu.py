@@ -13,6 +13,7 @@ import numpy as np
 
 from .. import _native
 from ..errors import InputError
+from ..outputs import split_frame_tokens
 
 
 @lru_cache(maxsize=1)
@@ -59,12 +60,7 @@ class WgpuBackend:
         V = self.config.num_vision_tokens_each_frame
         ratios = [_ratio_for_budget(b, V) for b in budgets]
         pos, padded, num = self.engine.generate(_host_f32(video), ratios, task_loss_requirement)
-        tokens, start = [], 0
-        for t, n in enumerate(num.tolist()):
-            ids = pos[:, start : start + n] - V * t
-            tokens.append(np.where(padded[:, start : start + n], self.config.pad_token_id, ids))
-            start += n
-        return tokens
+        return split_frame_tokens(pos, padded, num, self.config)
 
     def score(self, video, frame_tokens):
         raise InputError(
