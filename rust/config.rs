@@ -1454,6 +1454,130 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn hostile_values_name_the_key() {
+        // The Rust side of tests/test_robustness.py's CONFIG_CASES not covered above.
+        let cases: Vec<(&str, Value, Vec<&str>)> = vec![
+            (
+                "/gaze_model_config/gaze_decoder_config/num_hidden_layers",
+                json!(4.5),
+                vec!["num_hidden_layers", "non-negative integer", "4.5"],
+            ),
+            (
+                "/has_task_loss_requirement_during_inference",
+                json!([1]),
+                vec![
+                    "has_task_loss_requirement_during_inference",
+                    "boolean",
+                    "an array",
+                ],
+            ),
+            (
+                "/gaze_model_config",
+                Value::Null,
+                vec!["`gaze_model_config`", "null"],
+            ),
+            (
+                "/gaze_model_config/gaze_decoder_config/hidden_size",
+                Value::Null,
+                vec!["gaze_decoder_config.hidden_size", "null"],
+            ),
+            (
+                "/gaze_model_config/gaze_decoder_config/num_hidden_layers",
+                json!(1u64 << 40),
+                vec!["num_hidden_layers", "too large", "65536"],
+            ),
+            (
+                "/gaze_model_config/gaze_decoder_config/intermediate_size",
+                json!(1_000_000_000_000u64),
+                vec!["intermediate_size", "too large"],
+            ),
+            (
+                "/gaze_model_config/gaze_decoder_config/hidden_size",
+                json!(-1),
+                vec!["hidden_size", "non-negative integer", "-1"],
+            ),
+            (
+                "/gaze_model_config/gaze_decoder_config/num_attention_heads",
+                json!(5),
+                vec!["num_attention_heads", "hidden_size"],
+            ),
+            (
+                "/num_vision_tokens_each_frame",
+                json!(1e300),
+                vec!["num_vision_tokens_each_frame", "non-negative integer"],
+            ),
+            ("/scales", json!([32, 64, 112, 224, 0]), vec!["scales"]),
+            (
+                "/gaze_model_config/vision_model_config/kernel_size",
+                json!(0),
+                vec!["kernel_size", "at least 1"],
+            ),
+        ];
+        for (pointer, value, words) in cases {
+            let mut v = fixture_json();
+            set(&mut v, pointer, value);
+            assert_contains(&err_of(&v), &words);
+        }
+    }
+
+    #[test]
+    fn text_that_is_not_a_config_is_refused() {
+        let deep = "[".repeat(100_000); // serde_json's recursion limit, not a stack overflow
+        let cases: Vec<(&str, Vec<&str>)> = vec![
+            ("", vec!["not valid JSON", "EOF"]),
+            ("{not json", vec!["not valid JSON"]),
+            (
+                "[1, 2, 3]",
+                vec!["the top level must be an object", "an array"],
+            ),
+            ("\"x\"", vec!["the top level must be an object", "a string"]),
+            ("{}", vec!["missing required key `scales`"]),
+            (&deep, vec!["not valid JSON", "recursion limit"]),
+            ("{\"scales\": 1e400}", vec!["not valid JSON"]),
+        ];
+        for (text, words) in cases {
+            match AutoGazeConfig::from_json_str(text, "t.json") {
+                Err(e @ Error::Config { .. }) => {
+                    assert_eq!(e.python_class(), "ConfigError");
+                    assert_contains(&e.to_string(), &words);
+                    assert_contains(&e.to_string(), &["t.json"]);
+                }
+                other => panic!("expected Error::Config for {:.40?}, got {other:?}", text),
+            }
+        }
+        // The same through a file, with bytes that are not UTF-8.
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join(CONFIG_FILE), b"\xff\xfe{").expect("write");
+        let err = AutoGazeConfig::load(dir.path()).expect_err("not UTF-8");
+        assert!(matches!(err, Error::Config { .. }), "{err:?}");
+        assert_contains(&err.to_string(), &["config.json", "not valid JSON"]);
+    }
+
+    #[test]
+    fn oversized_file_and_directory_are_refused_before_reading() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join(CONFIG_FILE);
+        // Sparse: 64 MiB of nothing, cheap to make; refused from its size alone.
+        std::fs::File::create(&file)
+            .and_then(|f| f.set_len(64 << 20))
+            .expect("sparse file");
+        let t0 = std::time::Instant::now();
+        let err = AutoGazeConfig::load(dir.path()).expect_err("too big");
+        assert!(t0.elapsed().as_secs_f64() < 1.0, "took {:?}", t0.elapsed());
+        assert!(matches!(err, Error::Config { .. }), "{err:?}");
+        assert_contains(
+            &err.to_string(),
+            &["config.json", "67108864 bytes", "refused"],
+        );
+
+        std::fs::remove_file(&file).expect("rm");
+        std::fs::create_dir(&file).expect("mkdir");
+        let err = AutoGazeConfig::load(dir.path()).expect_err("a directory");
+        assert!(matches!(err, Error::Config { .. }), "{err:?}");
+        assert_contains(&err.to_string(), &["config.json", "is a directory"]);
+    }
+
+    #[test]
     fn optional_keys_take_official_defaults() {
         let mut v = fixture_json();
         remove(&mut v, &format!("{DEC}/head_dim"));

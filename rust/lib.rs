@@ -9,6 +9,9 @@ pub mod error;
 pub mod gpu;
 pub mod weights;
 
+#[cfg(test)]
+mod fuzz;
+
 #[cfg(feature = "python")]
 mod python;
 

@@ -630,6 +630,236 @@ mod tests {
         );
     }
 
+    /// The fixture file as (header JSON object, data bytes), to re-pack with edits.
+    fn fixture_parts() -> (serde_json::Map<String, serde_json::Value>, Vec<u8>) {
+        let raw = std::fs::read(weights_path(&fixture_model_dir())).expect("read fixture");
+        let n = u64::from_le_bytes(raw[..8].try_into().expect("8 bytes")) as usize;
+        let header = serde_json::from_slice(&raw[8..8 + n]).expect("fixture header is JSON");
+        (header, raw[8 + n..].to_vec())
+    }
+
+    /// A safetensors file from a header and data (header padded to 8 bytes, as the writers do).
+    fn pack(header: &serde_json::Map<String, serde_json::Value>, data: &[u8]) -> Vec<u8> {
+        let mut hb = serde_json::to_vec(header).expect("header to JSON");
+        hb.resize(hb.len().div_ceil(8) * 8, b' ');
+        let mut out = (hb.len() as u64).to_le_bytes().to_vec();
+        out.extend_from_slice(&hb);
+        out.extend_from_slice(data);
+        out
+    }
+
+    /// `[start, end]` of a tensor in the header.
+    fn offsets(header: &serde_json::Map<String, serde_json::Value>, name: &str) -> [u64; 2] {
+        let o = &header[name]["data_offsets"];
+        [o[0].as_u64().expect("start"), o[1].as_u64().expect("end")]
+    }
+
+    /// Writes `bytes` as the weights of a model dir (fixture config) and checks the refusal
+    /// through the file path (mmap) and through `from_bytes`.
+    fn refused(bytes: &[u8], words: &[&str]) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::copy(config_path(&fixture_model_dir()), config_path(dir.path()))
+            .expect("copy config");
+        std::fs::write(weights_path(dir.path()), bytes).expect("write weights");
+        weights_err(dir.path(), words);
+        let config = AutoGazeConfig::load(&fixture_model_dir()).expect("config");
+        match Weights::from_bytes(bytes, &config, "mem.safetensors") {
+            Err(e @ Error::Weights { .. }) => {
+                let msg = e.to_string();
+                assert!(msg.contains("mem.safetensors"), "{msg:?} lacks the source");
+                for w in words {
+                    assert!(msg.contains(w), "message {msg:?} lacks {w:?}");
+                }
+            }
+            other => panic!("expected Error::Weights from from_bytes, got {other:?}"),
+        }
+    }
+
+    const NOT_SAFETENSORS: &str = "not a valid safetensors file";
+
+    #[test]
+    fn lying_header_lengths_are_refused() {
+        let raw = std::fs::read(weights_path(&fixture_model_dir())).expect("read");
+        let real = u64::from_le_bytes(raw[..8].try_into().expect("8 bytes"));
+        let with_len = |n: u64| {
+            let mut b = n.to_le_bytes().to_vec();
+            b.extend_from_slice(&raw[8..]);
+            b
+        };
+        // Claims ~4.6e18 bytes: refused from the number, before anything is read or allocated.
+        let t0 = std::time::Instant::now();
+        refused(&with_len(1 << 62), &[NOT_SAFETENSORS, "header too large"]);
+        assert!(t0.elapsed().as_secs_f64() < 5.0, "took {:?}", t0.elapsed());
+        // Just over the 100 MB limit.
+        refused(&with_len(100_000_001), &["header too large"]);
+        // Past the end of the file (but under the limit).
+        refused(
+            &with_len(raw.len() as u64),
+            &[NOT_SAFETENSORS, "invalid header length"],
+        );
+        // Shorter than the JSON: the header is cut mid-object.
+        refused(
+            &with_len(real / 2),
+            &[NOT_SAFETENSORS, "invalid JSON in header"],
+        );
+        // Longer than the JSON: tensor bytes are read as header text.
+        refused(&with_len(real + 64), &[NOT_SAFETENSORS, "header"]);
+        // Zero: an empty header.
+        refused(&with_len(0), &[NOT_SAFETENSORS, "invalid JSON in header"]);
+    }
+
+    #[test]
+    fn header_that_is_not_json_is_refused() {
+        let (_, data) = fixture_parts();
+        let with_header = |h: &[u8]| {
+            let mut b = (h.len() as u64).to_le_bytes().to_vec();
+            b.extend_from_slice(h);
+            b.extend_from_slice(&data);
+            b
+        };
+        refused(
+            &with_header(b"this is not json"),
+            &[NOT_SAFETENSORS, "invalid JSON in header"],
+        );
+        refused(
+            &with_header(b"[1, 2, 3]"),
+            &[NOT_SAFETENSORS, "invalid JSON in header"],
+        );
+        refused(
+            &with_header(b"{\"a\": {\"dtype\": \"F32\"}}"),
+            &[NOT_SAFETENSORS, "invalid JSON in header"],
+        );
+        refused(
+            &with_header(b"{\xff\xfe}"),
+            &[NOT_SAFETENSORS, "invalid UTF-8 in header"],
+        );
+        // Valid JSON, but the data is not covered: nothing is described.
+        refused(
+            &with_header(b"{}"),
+            &[NOT_SAFETENSORS, "incomplete metadata"],
+        );
+    }
+
+    #[test]
+    fn overlapping_and_out_of_range_offsets_are_refused() {
+        let (header, data) = fixture_parts();
+        let mut names: Vec<&String> = header.keys().filter(|k| *k != "__metadata__").collect();
+        names.sort_by_key(|n| offsets(&header, n)[0]);
+        let (a, b) = (names[0].clone(), names[1].clone());
+        let [a0, a1] = offsets(&header, &a);
+        let set = |name: &str, o: serde_json::Value| {
+            let mut h = header.clone();
+            h[name]["data_offsets"] = o;
+            h
+        };
+
+        // b reuses a's bytes. Which of the two is checked first depends on hash order, so the
+        // reason is "invalid offset" (a second tensor at 0) or "invalid shape, data type, or
+        // offset" (b's size at a's range): both name the offsets.
+        refused(
+            &pack(&set(&b, serde_json::json!([a0, a1])), &data),
+            &[NOT_SAFETENSORS, "offset for tensor"],
+        );
+        // End far past the end of the file (size no longer matches shape x dtype).
+        refused(
+            &pack(
+                &set(&a, serde_json::json!([a0, a1 + 1_000_000_000_000])),
+                &data,
+            ),
+            &[NOT_SAFETENSORS, "invalid shape, data type, or offset"],
+        );
+        // End before start.
+        refused(
+            &pack(&set(&a, serde_json::json!([a1, a0])), &data),
+            &[NOT_SAFETENSORS, "invalid offset for tensor"],
+        );
+        // Offsets at the top of the u64 range.
+        refused(
+            &pack(&set(&a, serde_json::json!([a0, u64::MAX])), &data),
+            &[NOT_SAFETENSORS],
+        );
+        // A gap between two tensors.
+        let mut h = header.clone();
+        for n in &names {
+            let [s, e] = offsets(&header, n);
+            h[n.as_str()]["data_offsets"] = serde_json::json!([s + 4, e + 4]);
+        }
+        let mut shifted = vec![0u8; 4];
+        shifted.extend_from_slice(&data);
+        refused(
+            &pack(&h, &shifted),
+            &[NOT_SAFETENSORS, "invalid offset for tensor"],
+        );
+        // Data left over after the last tensor.
+        let mut longer = data.clone();
+        longer.extend_from_slice(&[0; 8]);
+        refused(
+            &pack(&header, &longer),
+            &[
+                NOT_SAFETENSORS,
+                "incomplete metadata, file not fully covered",
+            ],
+        );
+        // A shape whose byte size overflows.
+        let mut h = header.clone();
+        h[a.as_str()]["shape"] = serde_json::json!([1u64 << 40, 1u64 << 40]);
+        refused(&pack(&h, &data), &[NOT_SAFETENSORS, "overflow"]);
+    }
+
+    #[test]
+    fn inf_weights_are_refused_with_counts() {
+        let mut raw = fixture_raw();
+        for r in raw.iter_mut() {
+            let mut vals = f32_values(&r.3);
+            if r.0 == "gazing_model.vision_model.norm.bias" {
+                vals[0] = f32::INFINITY;
+            } else if r.0 == "gazing_model.gaze_decoder.model.norm.weight" {
+                vals[3] = f32::NEG_INFINITY;
+                vals[4] = f32::NEG_INFINITY;
+            }
+            r.3 = f32_bytes(&vals);
+        }
+        let dir = write_model(&raw);
+        weights_err(
+            dir.path(),
+            &[
+                "non-finite values (NaN or Inf) in 2 tensor(s)",
+                "gazing_model.vision_model.norm.bias (1 of 192 values)",
+                "gazing_model.gaze_decoder.model.norm.weight (2 of 192 values)",
+            ],
+        );
+
+        // Half precision: Inf in F16 (0x7c00) and -Inf in BF16 (0xff80) are caught after the upcast.
+        let mut raw = fixture_raw();
+        for r in raw.iter_mut() {
+            let vals = f32_values(&r.3);
+            if r.0 == "gazing_model.vision_model.norm.weight" {
+                r.1 = Dtype::F16;
+                r.3 = vals
+                    .iter()
+                    .flat_map(|&v| f16::from_f32(v).to_le_bytes())
+                    .collect();
+                r.3[2..4].copy_from_slice(&0x7c00u16.to_le_bytes());
+            } else if r.0 == "gazing_model.connector.pos_embed" {
+                r.1 = Dtype::BF16;
+                r.3 = vals
+                    .iter()
+                    .flat_map(|&v| bf16::from_f32(v).to_le_bytes())
+                    .collect();
+                r.3[0..2].copy_from_slice(&0xff80u16.to_le_bytes());
+            }
+        }
+        let dir = write_model(&raw);
+        weights_err(
+            dir.path(),
+            &[
+                "non-finite values",
+                "gazing_model.vision_model.norm.weight (1 of 192 values)",
+                "gazing_model.connector.pos_embed (1 of 37632 values)",
+            ],
+        );
+    }
+
     #[test]
     fn config_errors_come_first() {
         let dir = write_model(&fixture_raw());

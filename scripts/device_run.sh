@@ -14,9 +14,35 @@ python3 -c "import autogaze_wgpu._native as n; print(n.wgpu_adapter_info())" | t
 case "${1:-all}" in
   all|test)
     AUTOGAZE_TEST_DEVICE=cuda timeout 300 python3 -m pytest -q -p no:cacheprovider \
-      tests/test_official_fixtures.py tests/test_api.py tests/test_generation_rules.py 2>&1 | tee "$OUT/pytest_cuda.log" | tail -25 ;;
+      tests/test_official_fixtures.py tests/test_api.py tests/test_generation_rules.py \
+      tests/test_torch_backend.py 2>&1 | tee "$OUT/pytest_cuda.log" | tail -25 ;;
 esac
 case "${1:-all}" in
   all|bench)
     timeout 280 python3 -m autogaze_wgpu.bench --model "$AUTOGAZE_FIXTURES/model" --repeat "${REPEAT:-5}" --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" ;;
+esac
+case "${1:-all}" in
+  agreement)  # the torch backend's fast modes against its float32 mode (docs/benchmarks.md)
+    timeout 500 python3 scripts/fast_mode_agreement.py --device cuda --model "$AUTOGAZE_FIXTURES/model" \
+      --repeat "${REPEAT:-5}" --json "$OUT/fast_modes.json" 2>&1 | tee "$OUT/fast_modes.log" ;;
+esac
+case "${1:-all}" in
+  profile)  # GPU time per kernel from timestamp queries (docs/benchmarks.md)
+    for wl in clip tiles45; do
+      timeout 200 python3 scripts/profile_wgpu.py --model "$AUTOGAZE_FIXTURES/model" --workload $wl \
+        --json "$OUT/profile_$wl.json" 2>&1 | tee "$OUT/profile_$wl.log"
+    done ;;
+esac
+case "${1:-all}" in
+  divergence)  # where tiles45 tokens part between backends/devices, and by how much
+    timeout 550 python3 scripts/divergence.py --model "$AUTOGAZE_FIXTURES/model" \
+      --runs "${RUNS:-reference:cuda,reference:cpu,torch:cuda,wgpu}" 2>&1 | tee "$OUT/divergence.log" ;;
+esac
+case "${1:-all}" in
+  soak)  # long streams: memory and per-frame latency (docs/reliability.md)
+    M="$AUTOGAZE_FIXTURES/model"; N=${SOAK_FRAMES:-3000}
+    timeout 150 python3 scripts/soak_stream.py --model "$M" --backend wgpu --frames $N --json "$OUT/soak_wgpu.json" 2>&1 | tee "$OUT/soak_wgpu.log"
+    timeout 60 python3 scripts/soak_stream.py --model "$M" --backend wgpu --frames 400 --horizon none --window 50 --json "$OUT/soak_wgpu_unbounded.json" 2>&1 | tee "$OUT/soak_wgpu_unbounded.log"
+    timeout 200 python3 scripts/soak_stream.py --model "$M" --backend torch --device cuda --frames $N --json "$OUT/soak_torch.json" 2>&1 | tee "$OUT/soak_torch.log"
+    timeout 150 python3 scripts/soak_stream.py --model "$M" --backend reference --device cuda --frames $((N / 3)) --window 250 --json "$OUT/soak_reference.json" 2>&1 | tee "$OUT/soak_reference.log" ;;
 esac

@@ -1,12 +1,10 @@
 """Where the torch backend's time goes on a CUDA device (a development aid)."""
 
 import os
-import sys
 import time
 
-import torch
-
 import autogaze_wgpu as ag
+import torch
 from autogaze_wgpu.testing import synthetic_video
 
 model_dir = os.path.join(os.environ["AUTOGAZE_FIXTURES"], "model")

@@ -329,3 +329,77 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// gemv: the same C = A' W^T for few rows (decode steps: M = 10 B), latency first. A workgroup
+// owns TM rows x 2 columns (the epilogue's pair) and its GV threads split K; partial sums meet
+// in workgroup memory. The tiled `main` gives 6 workgroups to a 10 x 192 x 192 product; this
+// gives 96, each with a short dependent chain. Same loaders, epilogues and skip rule as `main`.
+const GV: u32 = 64u;
+var<workgroup> gv_red: array<f32, GV * TM * 3u>;  // [TM * 3][GV]: acc col 0 | acc col 1 | sum x^2
+
+@compute @workgroup_size(GV)
+fn gemv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+#if DEC
+    if (li == 0u) {
+        wg_flag = gen[S_DONE] * p.skip_if_done;
+    }
+    if (workgroupUniformLoad(&wg_flag) != 0u) {
+        return;
+    }
+#endif
+    let m0 = wg.y * TM;
+    let n0 = wg.x * 2u;
+    var acc0: array<f32, TM>;
+    var acc1: array<f32, TM>;
+    var ssq: array<f32, TM>;
+    for (var i = 0u; i < TM; i++) {
+        acc0[i] = 0.0;
+        acc1[i] = 0.0;
+        ssq[i] = 0.0;
+    }
+    let store_x = wg.x == 0u;
+    for (var k = li; k < p.k; k += GV) {
+        var w0 = 0.0;
+        var w1 = 0.0;
+        if (n0 < p.n) {
+            w0 = wts[p.w_off + n0 * p.k + k];
+        }
+        if (n0 + 1u < p.n) {
+            w1 = wts[p.w_off + (n0 + 1u) * p.k + k];
+        }
+#if NORM
+        let g = wts[p.g_off + k];
+        w0 *= g;
+        w1 *= g;
+#endif
+        for (var i = 0u; i < TM; i++) {
+            let v = load_a(m0 + i, k, store_x);
+            acc0[i] += v * w0;
+            acc1[i] += v * w1;
+            ssq[i] += v * v;
+        }
+    }
+    for (var i = 0u; i < TM; i++) {
+        gv_red[(i * 3u) * GV + li] = acc0[i];
+        gv_red[(i * 3u + 1u) * GV + li] = acc1[i];
+        gv_red[(i * 3u + 2u) * GV + li] = ssq[i];
+    }
+    workgroupBarrier();
+    for (var s = GV / 2u; s > 0u; s >>= 1u) {
+        if (li < s) {
+            for (var j = 0u; j < TM * 3u; j++) {
+                gv_red[j * GV + li] += gv_red[j * GV + li + s];
+            }
+        }
+        workgroupBarrier();
+    }
+    if (li < TM) {
+#if NORM
+        let rs = 1.0 / sqrt(gv_red[(li * 3u + 2u) * GV] / f32(p.k) + p.eps);
+#else
+        let rs = 1.0;
+#endif
+        epilogue(m0 + li, n0, gv_red[(li * 3u) * GV] * rs, gv_red[(li * 3u + 1u) * GV] * rs);
+    }
+}

@@ -172,3 +172,65 @@ def test_errors_share_one_root():
     for cls in (ag.ConfigError, ag.WeightsError, ag.InputError, ag.BackendError, ag.DeviceError):
         assert issubclass(cls, ag.AutoGazeError)
     assert issubclass(ag.InputError, ValueError) and issubclass(ag.DeviceError, RuntimeError)
+
+
+def test_return_tensors_pt_equals_numpy(backend):
+    torch = pytest.importorskip("torch")
+    model = load_model(backend)
+    pv = case_pixel_values("a")[:, :2]
+    dev = torch.device(model.tensor_device or "cpu")
+    a = model.generate(pv, gazing_ratio=0.1, task_loss_requirement=0.7)
+    b = model.generate(torch.from_numpy(pv).to(dev), gazing_ratio=0.1, task_loss_requirement=0.7, return_tensors="pt")
+    for name, dtype in [("gazing_pos", torch.int64), ("if_padded_gazing", torch.bool), ("num_gazing_each_frame", torch.int64)]:
+        t = getattr(b, name)
+        assert isinstance(t, torch.Tensor) and t.dtype == dtype and t.device == dev, (name, t.dtype, t.device)
+        np.testing.assert_array_equal(t.cpu().numpy(), getattr(a, name))
+    for m_np, m_pt in zip(a.gazing_mask, b.gazing_mask):
+        assert m_pt.dtype == torch.float32 and m_pt.device == dev
+        np.testing.assert_array_equal(m_pt.cpu().numpy(), m_np)
+    np.testing.assert_array_equal(b.num_real_gazes().cpu().numpy(), a.num_real_gazes())
+    assert b.to_dict() == a.to_dict()
+    e = model.embed(pv, return_tensors="pt")
+    assert e.dtype == torch.float32 and e.device == dev
+    np.testing.assert_array_equal(e.cpu().numpy(), model.embed(pv))
+    if backend != "wgpu":  # score() on wgpu is not built yet
+        s_np = model.score(pv, a)
+        s_pt = model.score(pv, b, return_tensors="pt")  # torch gazes in, too
+        for name in ("gaze_probs", "task_loss_prediction", "log_action_probs"):
+            t = getattr(s_pt, name)
+            assert t.dtype == torch.float32 and t.device == dev
+            # torch's and numpy's log differ in the last bit
+            tol = 1e-6 if name == "log_action_probs" else 0
+            np.testing.assert_allclose(t.cpu().numpy(), getattr(s_np, name), rtol=tol, atol=0)
+
+
+def test_return_tensors_pt_with_target_scales():
+    torch = pytest.importorskip("torch")
+    model = load_model("reference")
+    pv = np.random.default_rng(0).standard_normal((1, 1, 3, 448, 448)).astype(np.float32)
+    kw = {"gazing_ratio": 0.1, "target_scales": [64, 128, 224, 448], "target_patch_size": 16}
+    a, b = model.generate(pv, **kw), model.generate(pv, return_tensors="pt", **kw)
+    assert isinstance(b.tiles.gazing_pos, torch.Tensor)
+    for m_np, m_pt in zip(a.gazing_mask, b.gazing_mask):
+        np.testing.assert_array_equal(m_pt.numpy(), m_np)
+
+
+@pytest.mark.parametrize("value", ["tf", "PT", None, 1, ["pt"]])
+def test_bad_return_tensors_raise_input_error(value):
+    model = load_model("reference")
+    pv = case_pixel_values("a")[:, :1]
+    for call in (
+        lambda: model.generate(pv, gazing_ratio=0.05, return_tensors=value),
+        lambda: model.embed(pv, return_tensors=value),
+    ):
+        with pytest.raises(ag.InputError, match="return_tensors must be 'np'"):
+            call()
+
+
+def test_precision_is_checked():
+    with pytest.raises(ag.InputError, match="precision must be one of"):
+        ag.AutoGaze.from_pretrained(MODEL_DIR, backend="torch", device="cpu", precision="fp16")
+    for name in ("reference", "wgpu"):
+        with pytest.raises(ag.BackendError, match="fast mode of backend='torch' only"):
+            ag.AutoGaze.from_pretrained(MODEL_DIR, backend=name, precision="bf16")
+    assert load_model("reference").precision == "float32"

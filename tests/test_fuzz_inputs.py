@@ -19,6 +19,7 @@ import math
 import os
 import shutil
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -46,6 +47,12 @@ PROFILE = settings.get_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 bounded = settings(PROFILE)
 
 CONFIG_BYTES = (MODEL_DIR / "config.json").read_bytes()
+# The seed corpus shared with the Rust properties (rust/fuzz.rs; tests/fuzz_corpus/README.md):
+# ok_* files must load, every other file must be refused.
+CORPUS = Path(__file__).resolve().parent / "fuzz_corpus"
+CORPUS_CONFIGS = sorted((CORPUS / "config").glob("*.json"))
+CORPUS_WEIGHTS = sorted((CORPUS / "weights").glob("*.safetensors"))
+CONFIG_CORPUS_SEEDS = [p for p in CORPUS_CONFIGS if p.stat().st_size < 4096]
 WEIGHTS_BYTES = (MODEL_DIR / "model.safetensors").read_bytes()
 (_HEADER_LEN,) = struct.unpack("<Q", WEIGHTS_BYTES[:8])
 HEADER_END = 8 + _HEADER_LEN
@@ -303,6 +310,7 @@ def config_json_mutations(draw):
         st.binary(max_size=256),
         st.builds(apply_edits, st.just(CONFIG_BYTES), byte_edits(len(CONFIG_BYTES), len(CONFIG_BYTES))),
         config_json_mutations(),
+        st.builds(apply_edits, st.sampled_from([p.read_bytes() for p in CONFIG_CORPUS_SEEDS]), byte_edits(4096, 4096)),
     )
 )
 @example(blob=b"")
@@ -391,3 +399,44 @@ def test_weights_bytes_load_or_raise_weights_error(fuzz_dir, case):
                 assert v.dtype == np.float32 and np.isfinite(v).all()
     finally:
         (fuzz_dir / "model.safetensors").write_bytes(WEIGHTS_BYTES)
+
+
+# ---------------------------------------------------------------------------------------------
+# the seed corpus (tests/fuzz_corpus/), as-is and mutated
+@pytest.mark.parametrize("path", CORPUS_CONFIGS, ids=lambda p: p.name)
+def test_config_corpus_loads_or_is_refused_as_named(tmp_path, path):
+    (tmp_path / "config.json").write_bytes(path.read_bytes())
+    if path.name.startswith("ok_"):
+        ag.AutoGazeConfig.from_dict(_native.load_config(str(tmp_path)))
+    else:
+        with pytest.raises(ag.ConfigError):
+            _native.load_config(str(tmp_path))
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny_model")
+    shutil.copy(CORPUS / "weights" / "config.json", d / "config.json")
+    return d
+
+
+@pytest.mark.parametrize("path", CORPUS_WEIGHTS, ids=lambda p: p.name)
+def test_weights_corpus_loads_or_is_refused_as_named(tiny_dir, path):
+    (tiny_dir / "model.safetensors").write_bytes(path.read_bytes())
+    if path.name.startswith("ok_"):
+        w = _native.load_weights(str(tiny_dir))
+        assert all(v.dtype == np.float32 and np.isfinite(v).all() for v in w.values())
+    else:
+        with pytest.raises(ag.WeightsError):
+            _native.load_weights(str(tiny_dir))
+
+
+@bounded
+@given(seed=st.sampled_from(CORPUS_WEIGHTS), edits=byte_edits(16 << 10, 2048))
+def test_weights_corpus_edits_load_or_raise_weights_error(tiny_dir, seed, edits):
+    (tiny_dir / "model.safetensors").write_bytes(apply_edits(seed.read_bytes(), edits))
+    w = _only(lambda: _native.load_weights(str(tiny_dir)), (ag.WeightsError,))
+    event("weights loaded" if w is not None else "weights refused")
+    if w is not None:
+        for v in w.values():
+            assert v.dtype == np.float32 and np.isfinite(v).all()

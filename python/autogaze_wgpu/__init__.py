@@ -9,7 +9,15 @@
 from ._native import __version__
 from .backends import available_backends
 from .config import AutoGazeConfig
-from .errors import AutoGazeError, BackendError, ConfigError, DeviceError, InputError, WeightsError
+from .errors import (
+    AutoGazeError,
+    BackendError,
+    ConfigError,
+    DeviceError,
+    InputError,
+    ModelClosedError,
+    WeightsError,
+)
 from .model import AutoGaze, StreamSession
 from .outputs import GazeOutput, ScoreOutput
 from .processor import AutoGazeProcessor
@@ -28,5 +36,6 @@ __all__ = [
     "ConfigError",
     "DeviceError",
     "InputError",
+    "ModelClosedError",
     "WeightsError",
 ]

@@ -44,6 +44,28 @@ def device_name(backend: str, model) -> str:
     return getattr(model.backend, "adapter_name", backend)
 
 
+def workload(model, wl: str, clip, tiles) -> Callable[[], object]:
+    """The call a workload times. It returns the GazeOutput; "stream" returns (median
+    per-frame latency, the per-frame GazeOutputs)."""
+    if wl == "clip":
+        return lambda: model.generate(clip, gazing_ratio=0.75, task_loss_requirement=0.7)
+    if wl == "no-stop":
+        return lambda: model.generate(clip, gazing_ratio=0.75)
+    if wl == "tiles45":
+        return lambda: model.generate(tiles, gazing_ratio=0.75, task_loss_requirement=0.7)
+    if wl == "stream":
+        def fn():
+            s = model.stream(batch_size=1, gazing_ratio=0.75, task_loss_requirement=0.7)
+            per, outs = [], []
+            for t in range(clip.shape[1]):
+                t0 = time.perf_counter()
+                outs.append(s.step(clip[:, t : t + 1]))
+                per.append(time.perf_counter() - t0)
+            return statistics.median(per), outs
+        return fn
+    raise SystemExit(f"unknown workload {wl!r}")
+
+
 def run(model_dir: Path, backends: list[str], device: Optional[str], repeat: int, workloads: list[str]) -> list[dict]:
     import autogaze_wgpu as ag
     from autogaze_wgpu.testing import synthetic_video
@@ -57,26 +79,10 @@ def run(model_dir: Path, backends: list[str], device: Optional[str], repeat: int
         model = ag.AutoGaze.from_pretrained(model_dir, backend=name, **kw)
         dev = device_name(name, model)
         for wl in workloads:
-            if wl == "clip":
-                fn = lambda: model.generate(clip, gazing_ratio=0.75, task_loss_requirement=0.7)  # noqa: E731
-            elif wl == "no-stop":
-                fn = lambda: model.generate(clip, gazing_ratio=0.75)  # noqa: E731
-            elif wl == "tiles45":
-                fn = lambda: model.generate(tiles, gazing_ratio=0.75, task_loss_requirement=0.7)  # noqa: E731
-            elif wl == "stream":
-                def fn():
-                    s = model.stream(batch_size=1, gazing_ratio=0.75, task_loss_requirement=0.7)
-                    per = []
-                    for t in range(clip.shape[1]):
-                        t0 = time.perf_counter()
-                        s.step(clip[:, t : t + 1])
-                        per.append(time.perf_counter() - t0)
-                    return statistics.median(per)
-            else:
-                raise SystemExit(f"unknown workload {wl!r}")
+            fn = workload(model, wl, clip, tiles)
             sec, out = _median_time(fn, repeat)
             if wl == "stream":
-                sec = out  # the median per-frame latency of the last run
+                sec = out[0]  # the median per-frame latency of the last run
                 slots = None
             else:
                 slots = int(out.num_gazing_each_frame.sum()) * out.batch_size

@@ -31,6 +31,10 @@ class DeviceError(BackendError):
     """No usable GPU adapter/device, the device was lost, or it ran out of memory."""
 
 
+class ModelClosedError(BackendError):
+    """The model was closed (``AutoGaze.close()`` or the end of its ``with`` block)."""
+
+
 __all__ = [
     "AutoGazeError",
     "ConfigError",
@@ -38,4 +42,5 @@ __all__ = [
     "InputError",
     "BackendError",
     "DeviceError",
+    "ModelClosedError",
 ]

@@ -10,6 +10,7 @@ import numpy as np
 
 from .config import AutoGazeConfig
 from .errors import InputError
+from .memory import check_input_copy
 
 
 def as_pixel_values(pixel_values: Any) -> Any:
@@ -51,13 +52,16 @@ def as_pixel_values(pixel_values: Any) -> Any:
         raise InputError(f"pixel_values must have 3 channels in dim 2, got shape {tuple(x.shape)}")
     if min(B, T, H, W) == 0:
         raise InputError(f"pixel_values must not be empty, got shape {tuple(x.shape)}")
+    # Refuse before copying: a broadcast view of a huge frame costs nothing until copied.
     if is_torch:
         import torch
 
+        check_input_copy(tuple(x.shape), x.dtype != torch.float32 or not x.is_contiguous(), x.device)
         y = x.to(torch.float32).contiguous()
         if not bool(torch.isfinite(y).all()):
             raise InputError(_non_finite_message(bool(torch.isfinite(x).all())))
         return y
+    check_input_copy(x.shape, x.dtype != np.float32 or not x.flags.c_contiguous)
     with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf: reported
         y = np.ascontiguousarray(x, dtype=np.float32)
     if not np.isfinite(y).all():

@@ -7,18 +7,29 @@ adaptation, output assembly, streaming bookkeeping) lives here.
 
 from __future__ import annotations
 
+import gc
 import os
 import warnings
-from typing import Any, Optional, Sequence, Union
+import weakref
+from typing import Any, Optional, Self, Sequence, Union
 
 import numpy as np
 
 from .backends import create_backend
 from .config import AutoGazeConfig
-from .errors import InputError
+from .errors import InputError, ModelClosedError
 from .hub import resolve_model_dir
 from .inputs import as_pixel_values, check_num_frames, gazing_budget, resolve_gazing_params
-from .outputs import GazeOutput, ScoreOutput, assemble_output, split_frame_tokens
+from .memory import check_call
+from .outputs import (
+    GazeOutput,
+    ScoreOutput,
+    as_numpy,
+    assemble_output,
+    check_return_tensors,
+    convert_output,
+    split_frame_tokens,
+)
 from .resolution import input_res_adapt, recover_output_from_res_adapt
 from .video.pipeline import run_video
 
@@ -43,6 +54,53 @@ class AutoGaze:
         self.config = config
         self.backend = backend
         self.model_dir = model_dir
+        # Open streams, so that close() can cut them off from the backend (weak: a session
+        # the caller dropped must not be kept alive by the model).
+        self._sessions: weakref.WeakSet[StreamSession] = weakref.WeakSet()
+
+    # -- lifetime ---------------------------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        return isinstance(self.backend, _Closed)
+
+    def close(self) -> None:
+        """Frees the backend now: the wgpu engine (its GPU buffers), the torch weights, KV
+        caches and CUDA graphs. Afterwards every call, and every step of a stream opened on
+        this model, raises :class:`ModelClosedError`. Closing twice is a no-op. A call
+        already running in another thread finishes first; its resources go with it."""
+        backend = self.backend
+        if isinstance(backend, _Closed):
+            return
+        self.backend = _Closed(backend.name, getattr(backend, "precision", "float32"))
+        for session in list(self._sessions):
+            session._state = _Closed(backend.name)  # drops its reference to the backend
+        self._sessions = weakref.WeakSet()
+        close = getattr(backend, "close", None)
+        if callable(close):
+            close()
+        device = getattr(backend, "device", None)
+        try:
+            alive = weakref.ref(backend)
+        except TypeError:  # not weak-referenceable: nothing to check
+            alive = lambda: None  # noqa: E731
+        del backend, close  # the last references: the engine / weights are freed here
+        if alive() is not None:
+            gc.collect()  # reference cycles (e.g. the torch backend's cached decode states)
+        if getattr(device, "type", None) == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()  # hand the cached blocks back to the driver
+
+    def __enter__(self) -> Self:
+        self._check_open()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if isinstance(self.backend, _Closed):
+            raise _closed_error()
 
     @classmethod
     def from_pretrained(
@@ -50,6 +108,7 @@ class AutoGaze:
         path_or_repo_id: Union[str, os.PathLike],
         backend: str = "reference",
         device: Optional[str] = None,
+        precision: str = "float32",
     ) -> "AutoGaze":
         """Loads ``config.json`` + ``model.safetensors`` from a directory or a Hub repo id.
 
@@ -57,19 +116,38 @@ class AutoGaze:
             "reference" (readable torch; the parity oracle) or "auto" (wgpu when an adapter
             exists, else torch on CUDA, else reference).
         device: for torch-based backends, e.g. "cpu" or "cuda".
+        precision: "float32" (default: parity, TF32 off; every backend). The torch backend
+            also has fast modes whose tokens may differ from the reference's: "tf32" (TF32
+            matmuls/convolutions on NVIDIA GPUs; the same as float32 on CPU) and "bf16"
+            (bfloat16 GEMMs; selection stays float32). docs/benchmarks.md has their agreement.
         """
         from . import _native
 
         model_dir = resolve_model_dir(path_or_repo_id)
         config = AutoGazeConfig.from_dict(_native.load_config(str(model_dir)))
-        return cls(config, create_backend(backend, config, str(model_dir), device), str(model_dir))
+        return cls(config, create_backend(backend, config, str(model_dir), device, precision), str(model_dir))
 
     @property
     def backend_name(self) -> str:
         return self.backend.name
 
+    @property
+    def precision(self) -> str:
+        return getattr(self.backend, "precision", "float32")
+
+    @property
+    def tensor_device(self):
+        """Where ``return_tensors="pt"`` puts tensors: the torch-based backends' device
+        (CUDA results stay on the GPU), else the CPU."""
+        return getattr(self.backend, "device", None)
+
+    def _convert(self, out, return_tensors: str):
+        return convert_output(out, return_tensors, self.tensor_device)
+
     def __repr__(self) -> str:
-        return f"AutoGaze(backend={self.backend_name!r}, model_dir={self.model_dir!r})"
+        p = "" if self.precision == "float32" else f", precision={self.precision!r}"
+        c = ", closed" if self.closed else ""
+        return f"AutoGaze(backend={self.backend_name!r}{p}, model_dir={self.model_dir!r}{c})"
 
     # ------------------------------------------------------------------------------------------
     def generate(
@@ -79,6 +157,7 @@ class AutoGaze:
         task_loss_requirement: Optional[float] = None,
         target_scales: Optional[Sequence[int]] = None,
         target_patch_size: Optional[int] = None,
+        return_tensors: str = "np",
     ) -> GazeOutput:
         """Greedy gaze generation, exactly as the official model (SPEC §5).
 
@@ -89,7 +168,12 @@ class AutoGaze:
             loss is at most this. Both None: the config's defaults (0.75 and 0.7 in the release).
         target_scales, target_patch_size: the official resolution adaptation for square
             high-resolution input (SPEC §7); masks come back on the target grids.
+        return_tensors: "np" (numpy arrays) or "pt" (torch tensors on the model's device for
+            the torch-based backends, else the CPU). Outputs are assembled on the host, so a
+            CUDA model copies the tokens to the host once per call and the outputs back.
         """
+        self._check_open()
+        check_return_tensors(return_tensors)
         video = as_pixel_values(pixel_values)
         B, T = video.shape[:2]
         ratios, req = resolve_gazing_params(self.config, gazing_ratio, task_loss_requirement, T)
@@ -98,14 +182,15 @@ class AutoGaze:
         if target_scales is not None:
             tiles, info = input_res_adapt(_to_numpy(video), target_scales, target_patch_size, self.config)
             tile_out = self._generate_tokens(tiles, ratios, req)
-            return recover_output_from_res_adapt(tile_out, info, B)
-        return self._generate_tokens(video, ratios, req)
+            return self._convert(recover_output_from_res_adapt(tile_out, info, B), return_tensors)
+        return self._convert(self._generate_tokens(video, ratios, req), return_tensors)
 
     def _generate_tokens(self, video, ratios: list[float], req: Optional[float]) -> GazeOutput:
         T = video.shape[1]
         V = self.config.num_vision_tokens_each_frame
         budgets = [gazing_budget(r, V) for r in ratios]
         check_num_frames(self.config, T, max(budgets))
+        check_call(self.backend, self.config, video.shape, budgets, "generate")
         if T > self.config.max_num_frames:
             warnings.warn(
                 f"{T} frames is more than the {self.config.max_num_frames} the model was trained "
@@ -115,27 +200,49 @@ class AutoGaze:
         tokens = self.backend.generate(video, budgets, req)
         return assemble_output(tokens, self.config)
 
-    def embed(self, pixel_values: Any) -> np.ndarray:
-        """Connector output (B, T, 196, C): the vision tokens the decoder sees."""
-        return _to_numpy(self.backend.embed(as_pixel_values(pixel_values)))
+    def embed(self, pixel_values: Any, return_tensors: str = "np") -> np.ndarray:
+        """Connector output (B, T, 196, C) float32: the vision tokens the decoder sees.
+        return_tensors "pt": a torch tensor on the model's device (no host copy)."""
+        self._check_open()
+        check_return_tensors(return_tensors)
+        video = as_pixel_values(pixel_values)
+        check_call(self.backend, self.config, video.shape, None, "embed")
+        return self._convert(self.backend.embed(video), return_tensors)
 
-    def score(self, pixel_values: Any, gazes: GazeOutput) -> ScoreOutput:
-        """The official teacher-forced ``forward`` on given gazes (SPEC §5b)."""
+    def score(self, pixel_values: Any, gazes: GazeOutput, return_tensors: str = "np") -> ScoreOutput:
+        """The official teacher-forced ``forward`` on given gazes (SPEC §5b); ``gazes`` may
+        hold numpy arrays or torch tensors. return_tensors: as in :meth:`generate`."""
+        self._check_open()
+        check_return_tensors(return_tensors)
         video = as_pixel_values(pixel_values)
         if gazes.tiles is not None:
             raise InputError("score() takes tile-level outputs: pass `out.tiles` and the tiles")
         frame_tokens = _frame_tokens_from_output(gazes, self.config, video.shape[0], video.shape[1])
+        check_call(self.backend, self.config, video.shape, [t.shape[1] for t in frame_tokens], "score")
         gp, tl = self.backend.score(video, frame_tokens)
-        return ScoreOutput(gaze_probs=gp, task_loss_prediction=tl)
+        return self._convert(ScoreOutput(gaze_probs=gp, task_loss_prediction=tl), return_tensors)
 
     def stream(
         self,
         batch_size: int = 1,
         gazing_ratio: Optional[float] = None,
         task_loss_requirement: Optional[float] = None,
+        horizon: Union[int, None, str] = "auto",
     ) -> "StreamSession":
-        """A streaming session: feed one frame per ``step``; gives the whole-clip tokens."""
-        return StreamSession(self, batch_size, gazing_ratio, task_loss_requirement)
+        """A streaming session: feed one frame per ``step``; gives the whole-clip tokens.
+
+        horizon: the session forgets its history every ``horizon`` frames, so frame ``i`` is
+            gazed exactly as frame ``i % horizon`` of a clip starting at frame
+            ``i - i % horizon``. Memory and per-frame cost stay bounded however long the
+            stream. "auto" (default): ``config.max_num_frames`` (16, the clip length the model
+            was trained on). None: never forget, as the official code (the KV cache grows with
+            every frame; refused once positions would pass ``max_position_embeddings``, and on
+            wgpu past the session's capacity).
+        """
+        self._check_open()
+        session = StreamSession(self, batch_size, gazing_ratio, task_loss_requirement, horizon)
+        self._sessions.add(session)
+        return session
 
     def __call__(
         self,
@@ -156,6 +263,7 @@ class AutoGaze:
         :class:`autogaze_wgpu.video.VideoGazer` and docs/video.md.
         Returns a :class:`autogaze_wgpu.video.VideoResult`.
         """
+        self._check_open()
         return run_video(
             self, frames, mode, gazing_ratio=gazing_ratio, task_loss_requirement=task_loss_requirement, **kwargs
         )
@@ -164,21 +272,35 @@ class AutoGaze:
 class StreamSession:
     """Carries the KV cache, conv cache and mask between frames (the official streaming call
     with ``past_key_values`` etc. fed back). ``step`` returns that frame's output with ids
-    counted from the start of the frame (pad = 265), as the official per-frame call does."""
+    counted from the start of the frame (pad = 265), as the official per-frame call does.
+    Every ``horizon`` frames the backend's stream is reset (its buffers are kept)."""
 
-    def __init__(self, model: AutoGaze, batch_size: int, gazing_ratio, task_loss_requirement):
-        if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+    def __init__(self, model: AutoGaze, batch_size: int, gazing_ratio, task_loss_requirement, horizon="auto"):
+        if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) or batch_size < 1:
             raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
-        ratios, req = resolve_gazing_params(model.config, gazing_ratio, task_loss_requirement, 1)
+        cfg = model.config
+        ratios, req = resolve_gazing_params(cfg, gazing_ratio, task_loss_requirement, 1)
+        if isinstance(horizon, str) and horizon == "auto":
+            horizon = cfg.max_num_frames
+        elif horizon is not None and (
+            not isinstance(horizon, (int, np.integer)) or isinstance(horizon, bool) or horizon < 1
+        ):
+            raise InputError(f"horizon must be a positive integer, 'auto' or None, got {horizon!r}")
         self.model = model
         self.batch_size = int(batch_size)
-        self.budget = gazing_budget(ratios[0], model.config.num_vision_tokens_each_frame)
+        self.budget = gazing_budget(ratios[0], cfg.num_vision_tokens_each_frame)
         self.task_loss_requirement = req
-        self.frame_index = 0
-        self._state = model.backend.new_stream(self.batch_size)
+        self.horizon = None if horizon is None else int(horizon)
+        if self.horizon is not None:
+            check_num_frames(cfg, self.horizon, self.budget)  # a window must fit the positions
+        self.frame_index = 0  # frames stepped in this session
+        self.frames_in_context = 0  # frames since the last reset
+        self._state = model.backend.new_stream(self.batch_size, max_frames=self.horizon)
 
-    def step(self, frame_pixel_values: Any) -> GazeOutput:
-        """frame (B, 1, 3, H, W) (or (B, 3, H, W)) -> this frame's GazeOutput (T = 1)."""
+    def step(self, frame_pixel_values: Any, return_tensors: str = "np") -> GazeOutput:
+        """frame (B, 1, 3, H, W) (or (B, 3, H, W)) -> this frame's GazeOutput (T = 1);
+        ``return_tensors`` as in :meth:`AutoGaze.generate`."""
+        check_return_tensors(return_tensors)
         x = as_pixel_values(frame_pixel_values)
         if x.shape[1] != 1 and x.shape[0] == 1 and self.batch_size == x.shape[1]:
             x = x.reshape(x.shape[1], 1, *x.shape[2:])  # (B, 3, H, W) read as (1, B, ...)
@@ -187,16 +309,34 @@ class StreamSession:
                 f"step() takes one frame per batch row: shape ({self.batch_size}, 1, 3, H, W), "
                 f"got {tuple(x.shape)}"
             )
+        if self.horizon is not None and self.frames_in_context >= self.horizon:
+            self.reset()
+        elif self.horizon is None:
+            # Unbounded, as the official code: refuse before positions leave the RoPE range.
+            cfg = self.model.config
+            worst = (self.frames_in_context + 1) * (cfg.connector.num_tokens + self.budget)
+            if worst >= cfg.decoder.max_position_embeddings:
+                raise InputError(
+                    f"frame {self.frames_in_context} of this unbounded stream (horizon=None) can "
+                    f"reach position {worst}, past max_position_embeddings "
+                    f"({cfg.decoder.max_position_embeddings}); give AutoGaze.stream a horizon"
+                )
         tokens = self._state.step(x, self.budget, self.task_loss_requirement)
         self.frame_index += 1
-        return assemble_output([tokens], self.model.config)
+        self.frames_in_context += 1
+        return self.model._convert(assemble_output([tokens], self.model.config), return_tensors)
+
+    def reset(self) -> None:
+        """Forgets the history now: the next frame is gazed as the first frame of a clip."""
+        self._state.reset()
+        self.frames_in_context = 0
 
 
 def _frame_tokens_from_output(out: GazeOutput, cfg: AutoGazeConfig, B: int, T: int) -> list[np.ndarray]:
     """gazing_pos/if_padded_gazing -> per-frame ids within the frame (pads -> 265)."""
-    num = np.asarray(out.num_gazing_each_frame, dtype=np.int64)
-    pos = np.asarray(out.gazing_pos, dtype=np.int64)
-    pad_flags = np.asarray(out.if_padded_gazing, dtype=bool)
+    num = as_numpy(out.num_gazing_each_frame).astype(np.int64, copy=False)
+    pos = as_numpy(out.gazing_pos).astype(np.int64, copy=False)
+    pad_flags = as_numpy(out.if_padded_gazing).astype(bool, copy=False)
     if num.shape != (T,) or pos.shape != (B, int(num.sum())) or pad_flags.shape != pos.shape:
         raise InputError(
             f"gazes do not fit the video: num_gazing_each_frame {num.shape}, gazing_pos "
@@ -208,3 +348,19 @@ def _frame_tokens_from_output(out: GazeOutput, cfg: AutoGazeConfig, B: int, T: i
         if ((ids < 0) | (ids > pad)).any():
             raise InputError(f"gazing_pos of frame {t} holds ids outside frame {t}")
     return tokens
+
+
+def _closed_error() -> ModelClosedError:
+    return ModelClosedError("this model was closed; load it again with AutoGaze.from_pretrained")
+
+
+class _Closed:
+    """Stands in for a closed model's backend (and its streams' states): any use raises
+    ModelClosedError. ``name`` and ``precision`` stay readable for repr."""
+
+    def __init__(self, name: str, precision: str = "float32"):
+        self.name = name
+        self.precision = precision
+
+    def __getattr__(self, attr: str):
+        raise _closed_error()

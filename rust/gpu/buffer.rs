@@ -274,6 +274,45 @@ impl<'a> BindGroupBuilder<'a> {
     }
 }
 
+/// GPU time of one kernel (pipeline + defines) over a profiled call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KernelTime {
+    /// `shader::entry` and its defines.
+    pub kernel: String,
+    pub dispatches: usize,
+    /// Sum of the dispatches' GPU times, microseconds.
+    pub total_us: f64,
+}
+
+/// Timestamp queries around every dispatch (needs `TIMESTAMP_QUERY_INSIDE_PASSES`). A
+/// dispatch's time is the gap between the timestamp written before it and the one after,
+/// so it includes the barrier wgpu inserts before it, as the real command stream does.
+struct Profiler {
+    device: wgpu::Device,
+    sets: Vec<wgpu::QuerySet>,
+    /// One per timestamp: None at a pass start, else the kernel that just ran.
+    labels: Vec<Option<String>>,
+}
+
+impl Profiler {
+    const PER_SET: u32 = wgpu::QUERY_SET_MAX_QUERIES;
+
+    fn stamp(&mut self, pass: &mut wgpu::ComputePass<'static>, label: Option<String>) {
+        let i = self.labels.len() as u32;
+        let set = (i / Self::PER_SET) as usize;
+        if set == self.sets.len() {
+            self.sets
+                .push(self.device.create_query_set(&wgpu::QuerySetDescriptor {
+                    label: Some("profiler timestamps"),
+                    ty: wgpu::QueryType::Timestamp,
+                    count: Self::PER_SET,
+                }));
+        }
+        pass.write_timestamp(&self.sets[set], i % Self::PER_SET);
+        self.labels.push(label);
+    }
+}
+
 /// Commands being recorded: compute dispatches (in one pass until a copy or clear splits
 /// it), with the parameter arena and a dispatch counter.
 pub struct Recorder<'a> {
@@ -284,6 +323,7 @@ pub struct Recorder<'a> {
     pub dispatches: usize,
     pub passes: usize,
     max_groups: u32,
+    profiler: Option<Profiler>,
 }
 
 impl<'a> Recorder<'a> {
@@ -299,20 +339,44 @@ impl<'a> Recorder<'a> {
             dispatches: 0,
             passes: 0,
             max_groups: ctx.limits.max_compute_workgroups_per_dimension,
+            profiler: None,
         }
+    }
+
+    /// A recorder that times every dispatch with timestamp queries (see [`Profiler`]);
+    /// read the times with [`Recorder::submit_profiled`].
+    pub fn profiled(ctx: &GpuContext, arena: &'a mut ParamArena) -> Result<Self> {
+        if !ctx.info.timestamp_inside_passes {
+            return Err(Error::Device(format!(
+                "{} has no timestamp queries inside passes: kernel profiling needs them",
+                ctx.info.name
+            )));
+        }
+        let mut r = Self::new(ctx, arena);
+        r.profiler = Some(Profiler {
+            device: ctx.device.clone(),
+            sets: Vec::new(),
+            labels: Vec::new(),
+        });
+        Ok(r)
     }
 
     fn pass(&mut self) -> &mut wgpu::ComputePass<'static> {
         let encoder = &mut self.encoder;
         let passes = &mut self.passes;
+        let profiler = &mut self.profiler;
         self.pass.get_or_insert_with(|| {
             *passes += 1;
-            encoder
+            let mut pass = encoder
                 .begin_compute_pass(&wgpu::ComputePassDescriptor {
                     label: Some("autogaze"),
                     timestamp_writes: None,
                 })
-                .forget_lifetime()
+                .forget_lifetime();
+            if let Some(p) = profiler {
+                p.stamp(&mut pass, None);
+            }
+            pass
         })
     }
 
@@ -339,6 +403,14 @@ impl<'a> Recorder<'a> {
         pass.set_bind_group(0, bind_group, &[off]);
         pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
         self.dispatches += 1;
+        if let (Some(p), Some(pass)) = (self.profiler.as_mut(), self.pass.as_mut()) {
+            let k = &kernel.key;
+            let defs: Vec<String> = k.defines.iter().map(|(n, v)| format!("{n}={v}")).collect();
+            p.stamp(
+                pass,
+                Some(format!("{}::{} {}", k.shader, k.entry, defs.join(","))),
+            );
+        }
         Ok(())
     }
 
@@ -357,5 +429,62 @@ impl<'a> Recorder<'a> {
             ctx.queue.submit([encoder.finish()]);
             Ok(())
         })
+    }
+
+    /// [`submit`](Self::submit) for a [`profiled`](Self::profiled) recorder: waits for the
+    /// GPU and returns each kernel's dispatch count and summed GPU time, slowest first.
+    pub fn submit_profiled(mut self, ctx: &GpuContext) -> Result<Vec<KernelTime>> {
+        self.pass = None;
+        let Some(p) = self.profiler.take() else {
+            self.submit(ctx)?;
+            return Ok(Vec::new());
+        };
+        let n = p.labels.len() as u64;
+        let bytes = (n * 8).max(8);
+        let resolve = ctx.scoped("allocating profiler buffers", || {
+            Ok(ctx.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("profiler resolve"),
+                size: bytes,
+                usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+                mapped_at_creation: false,
+            }))
+        })?;
+        let staging = ctx.staging("profiler readback", bytes)?;
+        for (s, set) in p.sets.iter().enumerate() {
+            let first = s as u64 * Profiler::PER_SET as u64;
+            let count = (n - first).min(Profiler::PER_SET as u64) as u32;
+            self.encoder
+                .resolve_query_set(set, 0..count, &resolve, first * 8);
+        }
+        self.encoder
+            .copy_buffer_to_buffer(&resolve, 0, &staging, 0, bytes);
+        self.submit(ctx)?;
+        let ticks: Vec<u64> = bytemuck::pod_collect_to_vec(&ctx.read_staging(&staging, bytes)?);
+        let ns_per_tick = ctx.queue.get_timestamp_period() as f64;
+        let mut by_kernel: Vec<KernelTime> = Vec::new();
+        for (i, label) in p.labels.iter().enumerate() {
+            // The previous stamp is in the same pass (each pass starts with an unlabelled one).
+            let (Some(label), Some(t0), Some(t1)) = (
+                label,
+                i.checked_sub(1).and_then(|j| ticks.get(j)),
+                ticks.get(i),
+            ) else {
+                continue;
+            };
+            let dt = t1.saturating_sub(*t0) as f64 * ns_per_tick / 1e3;
+            match by_kernel.iter_mut().find(|k| &k.kernel == label) {
+                Some(k) => {
+                    k.dispatches += 1;
+                    k.total_us += dt;
+                }
+                None => by_kernel.push(KernelTime {
+                    kernel: label.clone(),
+                    dispatches: 1,
+                    total_us: dt,
+                }),
+            }
+        }
+        by_kernel.sort_by(|a, b| b.total_us.total_cmp(&a.total_us));
+        Ok(by_kernel)
     }
 }

@@ -28,6 +28,8 @@ pub struct DeviceInfo {
     pub shader_f16: bool,
     pub subgroups: bool,
     pub timestamp_query: bool,
+    /// Timestamps between dispatches of one pass (native only; used by the kernel profiler).
+    pub timestamp_inside_passes: bool,
 }
 
 /// Shared, thread-safe record of errors wgpu reports outside an error scope and of device loss.
@@ -65,7 +67,8 @@ impl GpuContext {
     ///
     /// The device is requested with the adapter's own limits (so storage bindings may be as
     /// large as the hardware allows) and with `SHADER_F16`, `SUBGROUP` and `TIMESTAMP_QUERY`
-    /// when the adapter has them; no kernel requires them.
+    /// (+ `TIMESTAMP_QUERY_INSIDE_PASSES`, for the profiler) when the adapter has them; no
+    /// kernel requires them.
     pub fn new() -> Result<Self> {
         let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
         // Our indirect-free command streams need no indirect-call validation; keep the
@@ -92,8 +95,10 @@ impl GpuContext {
     pub fn from_adapter(adapter: wgpu::Adapter) -> Result<Self> {
         let ainfo = adapter.get_info();
         let afeat = adapter.features();
-        let wanted =
-            wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP | wgpu::Features::TIMESTAMP_QUERY;
+        let wanted = wgpu::Features::SHADER_F16
+            | wgpu::Features::SUBGROUP
+            | wgpu::Features::TIMESTAMP_QUERY
+            | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES;
         let features = afeat & wanted;
         let limits = adapter.limits();
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
@@ -133,6 +138,9 @@ impl GpuContext {
             shader_f16: features.contains(wgpu::Features::SHADER_F16),
             subgroups: features.contains(wgpu::Features::SUBGROUP),
             timestamp_query: features.contains(wgpu::Features::TIMESTAMP_QUERY),
+            timestamp_inside_passes: features.contains(
+                wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES,
+            ),
         };
         Ok(Self {
             device,

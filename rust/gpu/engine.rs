@@ -25,7 +25,7 @@ use crate::config::AutoGazeConfig;
 use crate::error::{Error, Result};
 use crate::weights::Weights;
 
-use super::buffer::{ParamArena, Recorder};
+use super::buffer::{KernelTime, ParamArena, Recorder};
 use super::context::GpuContext;
 use super::ops::attention::{Attention, AttnParams};
 use super::ops::layernorm::{LayerNorm, LnShape};
@@ -101,6 +101,9 @@ struct Dims {
     layers: usize,
     eps_rms: f32,
     eps_ln: f32,
+    /// Keys per attention chunk in a decode step (CHUNK_DEC; `AUTOGAZE_WGPU_DECODE_CHUNK`
+    /// overrides it for tuning experiments: a multiple of 32 up to 1024).
+    chunk_dec: usize,
 }
 
 impl Dims {
@@ -165,6 +168,11 @@ impl Dims {
             layers: d.num_hidden_layers,
             eps_rms: d.rms_norm_eps as f32,
             eps_ln: 1e-5,
+            chunk_dec: std::env::var("AUTOGAZE_WGPU_DECODE_CHUNK")
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok())
+                .filter(|v| *v > 0 && v % 32 == 0 && *v <= 1024)
+                .unwrap_or(CHUNK_DEC),
         })
     }
 
@@ -377,7 +385,7 @@ impl PhaseOps {
             )?,
             head: Matmul::new(
                 ctx,
-                MatmulSpec::new(ALoad::Rms, Epi::Store, Tile::Small)
+                MatmulSpec::new(ALoad::Rms, Epi::Store, Tile::Gemv)
                     .last()
                     .dec(),
             )?,
@@ -503,7 +511,7 @@ impl Workspace {
         let q = ctx.storage("q", (b * ntp * c) as u64 * f)?;
         let h = ctx.storage("mlp hidden", (b * ntp * d.ffn) as u64 * f)?;
         let nch_pre = spec.cap.div_ceil(CHUNK_PRE);
-        let nch_dec = spec.cap.div_ceil(CHUNK_DEC);
+        let nch_dec = spec.cap.div_ceil(d.chunk_dec);
         let part_rows = (ntp * nch_pre).max(d.k * nch_dec);
         let part = ctx.storage(
             "attention partials",
@@ -633,6 +641,14 @@ pub struct Engine {
     inner: Arc<Inner>,
 }
 
+/// What one generate call produced (outputs plus the optional debugging/profiling data).
+struct Run {
+    out: GenerateOutput,
+    debug_logits: Option<Vec<f32>>,
+    stats: CallStats,
+    kernels: Vec<KernelTime>,
+}
+
 /// Dispatch and submit counts of the last call (for reports and benchmarks).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CallStats {
@@ -717,7 +733,7 @@ impl Engine {
                     .addrow(),
             )?,
             pre: PhaseOps::new(&ctx, Tile::Large, dims.hd, 64)?,
-            step: PhaseOps::new(&ctx, Tile::Small, dims.hd, 16)?,
+            step: PhaseOps::new(&ctx, Tile::Gemv, dims.hd, 16)?,
             select: Select::new(&ctx)?,
         };
         Ok(Engine {
@@ -929,7 +945,7 @@ impl Engine {
             (&i.ops.step, &ws.step)
         };
         let nt = if prefill { d.nt_pre() } else { d.k };
-        let chunk = if prefill { CHUNK_PRE } else { CHUNK_DEC };
+        let chunk = if prefill { CHUNK_PRE } else { d.chunk_dec };
         let nchunk = l_upper.div_ceil(chunk).max(1);
         let skip = u32::from(!prefill && !force);
         let mut idx = 0usize;
@@ -1162,8 +1178,21 @@ impl Engine {
         shape: &[usize],
         params: &GenerateParams,
     ) -> Result<GenerateOutput> {
-        self.generate_impl(pixel_values, shape, params, false)
-            .map(|r| r.0)
+        self.generate_impl(pixel_values, shape, params, false, false)
+            .map(|r| r.out)
+    }
+
+    /// [`Engine::generate`] with every dispatch timed by GPU timestamp queries: the output,
+    /// each kernel's dispatch count and summed GPU time (slowest first), and the call's
+    /// counters. Needs `TIMESTAMP_QUERY_INSIDE_PASSES` (native adapters; not WebGPU).
+    pub fn generate_profiled(
+        &self,
+        pixel_values: &[f32],
+        shape: &[usize],
+        params: &GenerateParams,
+    ) -> Result<(GenerateOutput, Vec<KernelTime>, CallStats)> {
+        let r = self.generate_impl(pixel_values, shape, params, false, true)?;
+        Ok((r.out, r.kernels, r.stats))
     }
 
     /// [`Engine::generate`] that also returns the raw heads output (10 x 266 logits and 10
@@ -1175,8 +1204,8 @@ impl Engine {
         shape: &[usize],
         params: &GenerateParams,
     ) -> Result<(GenerateOutput, Vec<f32>, CallStats)> {
-        let (o, l, s) = self.generate_impl(pixel_values, shape, params, true)?;
-        Ok((o, l.unwrap_or_default(), s))
+        let r = self.generate_impl(pixel_values, shape, params, true, false)?;
+        Ok((r.out, r.debug_logits.unwrap_or_default(), r.stats))
     }
 
     fn generate_impl(
@@ -1185,7 +1214,8 @@ impl Engine {
         shape: &[usize],
         params: &GenerateParams,
         debug: bool,
-    ) -> Result<(GenerateOutput, Option<Vec<f32>>, CallStats)> {
+        profile: bool,
+    ) -> Result<Run> {
         let (b, t, h, w) = check_pixels(pixel_values, shape)?;
         if params.gazing_ratio_each_frame.len() != t {
             return Err(Error::Input(format!(
@@ -1221,13 +1251,18 @@ impl Engine {
         let (arena, ws) = (&mut wsp.arena, &wsp.r);
         self.init_generation(ws, b);
         let mut stats = CallStats::default();
+        let mut kernels: Vec<KernelTime> = Vec::new();
         let ow = out_words(&ws.spec, d) as u64 * 4;
         let mut t0 = 0;
         while t0 < t {
             let n = tc.min(t - t0);
             self.upload_frames(ws, pixel_values, (b, t, h, w), t0, n);
             let rec_start = std::time::Instant::now();
-            let mut rec = Recorder::new(&i.ctx, arena);
+            let mut rec = if profile {
+                Recorder::profiled(&i.ctx, arena)?
+            } else {
+                Recorder::new(&i.ctx, arena)
+            };
             if t0 == 0 {
                 rec.encoder().clear_buffer(&ws.lnw, 0, None);
             }
@@ -1253,10 +1288,25 @@ impl Engine {
             stats.dispatches += rec.dispatches;
             stats.passes += rec.passes;
             stats.submits += 1;
-            rec.submit(&i.ctx)?;
-            stats.record_us += rec_start.elapsed().as_micros() as u64;
+            if profile {
+                // Recording only: the profiled submit also waits for the GPU.
+                stats.record_us += rec_start.elapsed().as_micros() as u64;
+                for k in rec.submit_profiled(&i.ctx)? {
+                    match kernels.iter_mut().find(|x| x.kernel == k.kernel) {
+                        Some(x) => {
+                            x.dispatches += k.dispatches;
+                            x.total_us += k.total_us;
+                        }
+                        None => kernels.push(k),
+                    }
+                }
+            } else {
+                rec.submit(&i.ctx)?;
+                stats.record_us += rec_start.elapsed().as_micros() as u64;
+            }
             t0 += n;
         }
+        kernels.sort_by(|a, b| b.total_us.total_cmp(&a.total_us));
         let words: Vec<u32> =
             bytemuck::pod_collect_to_vec(&i.ctx.read_staging(&ws.out_staging, ow)?);
         let out = assemble(d, &words, b, t, ws.spec.out_frames)?;
@@ -1271,7 +1321,12 @@ impl Engine {
             None
         };
         stats.total_us = start.elapsed().as_micros() as u64;
-        Ok((out, dbg, stats))
+        Ok(Run {
+            out,
+            debug_logits: dbg,
+            stats,
+            kernels,
+        })
     }
 
     /// Profiling aid (not a timed test): runs `generate` once, then times each dispatch kind
@@ -1398,17 +1453,16 @@ impl Engine {
             debug_steps: 0,
         };
         let ws = Workspace::new(&i.ctx, &i.ops, d, &i.wts, &i.inv_freq, spec)?;
-        self.init_generation(&ws.r, batch);
-        i.ctx
-            .write(&ws.r.lnw, 0, &vec![0.0f32; batch * 3 * d.p * d.c]);
-        Ok(Session {
+        let mut s = Session {
             engine: self.clone(),
             ws,
             frame: 0,
             l_sum: 0,
             max_frames,
             req: task_loss_requirement,
-        })
+        };
+        s.reset();
+        Ok(s)
     }
 }
 
@@ -1473,6 +1527,26 @@ impl Session {
         self.frame
     }
 
+    /// Frames this session holds before it must be reset.
+    pub fn max_frames(&self) -> usize {
+        self.max_frames
+    }
+
+    /// Forgets the history (KV cache, key mask, conv ring, pending step): the next frame is
+    /// run as a fresh session's first frame, in the same buffers.
+    pub fn reset(&mut self) {
+        let e = &self.engine;
+        let d = &e.inner.dims;
+        let b = self.ws.r.spec.batch;
+        e.init_generation(&self.ws.r, b);
+        // The causal conv reads the two previous frames from the ring: zeros before frame 0.
+        e.inner
+            .ctx
+            .write(&self.ws.r.lnw, 0, &vec![0.0f32; b * 3 * d.p * d.c]);
+        self.frame = 0;
+        self.l_sum = 0;
+    }
+
     /// Runs one frame: `pixel_values` [B, 3, H, W] (or [B, 1, 3, H, W]) at `gazing_ratio`.
     pub fn step(
         &mut self,
@@ -1499,7 +1573,7 @@ impl Session {
         }
         if self.frame >= self.max_frames {
             return Err(Error::Input(format!(
-                "this session was created for {} frames",
+                "this session was created for {} frames; reset it or start a new session",
                 self.max_frames
             )));
         }

@@ -15,5 +15,6 @@ mod parity;
 pub mod pipeline;
 pub mod rope;
 
+pub use buffer::KernelTime;
 pub use context::{DeviceInfo, GpuContext};
 pub use engine::{Engine, GenerateOutput, GenerateParams, Session, StepOutput};

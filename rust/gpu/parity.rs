@@ -226,6 +226,35 @@ fn parity_generate_b_ratio_only() {
     check_tokens("b", &out, &load_case("b"));
 }
 
+/// The timestamp profiler changes nothing and accounts for every dispatch.
+#[test]
+fn profiled_generate_b_is_the_same_generation() {
+    let e = engine();
+    let c = load_case("b");
+    let (px, shape) = case_a_pixels();
+    let p = params(shape[1], 0.75, None);
+    if !e.context().info.timestamp_inside_passes {
+        let err = e
+            .generate_profiled(&px, &shape, &p)
+            .expect_err("profiling must fail");
+        assert!(err.to_string().contains("timestamp"), "{err}");
+        return;
+    }
+    let (out, kernels, stats) = e.generate_profiled(&px, &shape, &p).expect("profiled");
+    check_tokens("b", &out, &c);
+    assert_eq!(
+        kernels.iter().map(|k| k.dispatches).sum::<usize>(),
+        stats.dispatches
+    );
+    assert!(
+        kernels
+            .iter()
+            .all(|k| k.total_us.is_finite() && k.total_us >= 0.0)
+    );
+    assert!(kernels.iter().any(|k| k.kernel.starts_with("attention::")));
+    assert!(kernels.windows(2).all(|w| w[0].total_us >= w[1].total_us));
+}
+
 #[test]
 fn parity_generate_c_requirement_only() {
     let (px, shape) = case_a_pixels();

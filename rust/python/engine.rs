@@ -17,7 +17,24 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<WgpuEngine>()?;
     m.add_class::<WgpuSession>()?;
     m.add_function(wrap_pyfunction!(wgpu_adapter_info, m)?)?;
+    m.add_function(wrap_pyfunction!(shader_source, m)?)?;
     Ok(())
+}
+
+/// The WGSL the engine compiles for kernel family ``name`` (``shaders/<name>.wgsl`` after
+/// ``common.wgsl``) with ``defines`` applied by the engine's own preprocessor, so that other
+/// WebGPU runtimes (the tests use wgpu-py) can run exactly the engine's shaders.
+#[pyfunction]
+#[pyo3(signature = (name, defines=None))]
+fn shader_source(name: &str, defines: Option<Vec<(String, String)>>) -> PyResult<String> {
+    let body = crate::gpu::pipeline::shader_source(name)
+        .ok_or_else(|| Error::Input(format!("unknown shader family `{name}`")))?;
+    let mut defs = defines.unwrap_or_default();
+    defs.sort();
+    Ok(crate::gpu::pipeline::preprocess(
+        &format!("{}\n{body}", crate::gpu::pipeline::COMMON),
+        &defs,
+    )?)
 }
 
 /// Describes the adapter wgpu would use, as a dict, or raises ``DeviceError`` when there is
@@ -111,6 +128,42 @@ impl WgpuEngine {
         ))
     }
 
+    /// ``generate`` with every dispatch timed by GPU timestamp queries (adapters with
+    /// timestamp queries inside passes; ``DeviceError`` otherwise). Returns a dict:
+    /// ``kernels`` (list of ``(kernel, dispatches, total_us)``, slowest first),
+    /// ``gpu_us`` (their sum), ``dispatches``, ``submits``, ``record_us`` (CPU recording)
+    /// and ``total_us`` (wall-clock of the call, profiling overhead included).
+    #[pyo3(signature = (pixel_values, gazing_ratio_each_frame, task_loss_requirement=None))]
+    fn profile<'py>(
+        &self,
+        py: Python<'py>,
+        pixel_values: PyReadonlyArrayDyn<'py, f32>,
+        gazing_ratio_each_frame: Vec<f32>,
+        task_loss_requirement: Option<f32>,
+    ) -> PyResult<Bound<'py, pyo3::types::PyDict>> {
+        let shape = pixel_values.shape().to_vec();
+        let data = contiguous_f32(&pixel_values, "pixel_values")?;
+        let params = GenerateParams {
+            gazing_ratio_each_frame,
+            task_loss_requirement,
+        };
+        let (_, kernels, stats) =
+            py.detach(|| self.engine.generate_profiled(data, &shape, &params))?;
+        let d = pyo3::types::PyDict::new(py);
+        let gpu_us: f64 = kernels.iter().map(|k| k.total_us).sum();
+        let rows: Vec<(String, usize, f64)> = kernels
+            .into_iter()
+            .map(|k| (k.kernel, k.dispatches, k.total_us))
+            .collect();
+        d.set_item("kernels", rows)?;
+        d.set_item("gpu_us", gpu_us)?;
+        d.set_item("dispatches", stats.dispatches)?;
+        d.set_item("submits", stats.submits)?;
+        d.set_item("record_us", stats.record_us)?;
+        d.set_item("total_us", stats.total_us)?;
+        Ok(d)
+    }
+
     /// Starts a streaming session of ``batch`` rows for up to ``max_frames`` frames of size
     /// (height, width).
     #[pyo3(signature = (batch, max_frames, height, width, task_loss_requirement=None))]
@@ -161,6 +214,28 @@ impl WgpuSession {
         Ok(PyArray1::from_vec(py, out.tokens)
             .reshape(vec![b, out.num_gazing])?
             .into_any())
+    }
+
+    /// Forgets the history: the next step runs as a fresh session's first frame.
+    fn reset(&self, py: Python<'_>) -> PyResult<()> {
+        py.detach(|| {
+            let mut s = self.session.lock().map_err(|_| {
+                Error::Backend("a previous step panicked; start a new session".into())
+            })?;
+            s.reset();
+            Ok::<(), Error>(())
+        })?;
+        Ok(())
+    }
+
+    /// Frames the session holds before it must be reset.
+    #[getter]
+    fn max_frames(&self) -> PyResult<usize> {
+        let s = self
+            .session
+            .lock()
+            .map_err(|_| Error::Backend("session poisoned".into()))?;
+        Ok(s.max_frames())
     }
 
     /// Frames run so far.

@@ -9,28 +9,33 @@ from __future__ import annotations
 
 from typing import Callable
 
-from ..errors import BackendError
+from ..errors import BackendError, InputError
 
-# name -> factory(config, model_dir, device) -> backend. Filled lazily so that importing the
-# package does not import torch or start a GPU.
+# name -> factory(config, model_dir, device, precision) -> backend. Filled lazily so that
+# importing the package does not import torch or start a GPU.
 _FACTORIES: dict[str, Callable] = {}
 
+# "float32" is parity (TF32 off) and the default everywhere; the others are the torch
+# backend's fast modes, whose tokens may differ from the reference's.
+PRECISIONS = ("float32", "tf32", "bf16")
+_FAST_MODE_BACKENDS = ("torch",)
 
-def _reference(config, model_dir, device):
+
+def _reference(config, model_dir, device, precision):
     from .. import _native
     from .reference import ReferenceBackend
 
     return ReferenceBackend(config, _native.load_weights(model_dir), device=device)
 
 
-def _torch(config, model_dir, device):
+def _torch(config, model_dir, device, precision):
     from .. import _native
     from .torch_backend import TorchBackend
 
-    return TorchBackend(config, _native.load_weights(model_dir), device=device)
+    return TorchBackend(config, _native.load_weights(model_dir), device=device, precision=precision)
 
 
-def _wgpu(config, model_dir, device):
+def _wgpu(config, model_dir, device, precision):
     from .wgpu import WgpuBackend
 
     return WgpuBackend(config, model_dir)
@@ -45,8 +50,10 @@ def available_backends() -> tuple[str, ...]:
     return tuple(_FACTORIES)
 
 
-def create_backend(name: str, config, model_dir: str, device=None):
+def create_backend(name: str, config, model_dir: str, device=None, precision: str = "float32"):
     """Builds backend ``name`` for the (validated) model in ``model_dir``."""
+    if not isinstance(precision, str) or precision not in PRECISIONS:
+        raise InputError(f"precision must be one of {', '.join(map(repr, PRECISIONS))}, got {precision!r}")
     if name == "auto":
         name = _auto_choice()
     try:
@@ -55,7 +62,12 @@ def create_backend(name: str, config, model_dir: str, device=None):
         raise BackendError(
             f"unknown backend {name!r}; available: {', '.join(available_backends())} or 'auto'"
         ) from None
-    return factory(config, model_dir, device)
+    if precision != "float32" and name not in _FAST_MODE_BACKENDS:
+        raise BackendError(
+            f"precision={precision!r} is a fast mode of backend='torch' only; backend {name!r} "
+            "runs float32 (parity)"
+        )
+    return factory(config, model_dir, device, precision)
 
 
 def _auto_choice() -> str:

@@ -30,13 +30,13 @@ _TF32_LOCK = threading.RLock()
 
 
 @contextlib.contextmanager
-def no_tf32():
-    """No autograd and TF32 off for the duration of a call: with TF32 on, even the official
-    model's tokens change on NVIDIA GPUs (SPEC §8). The global settings are restored after."""
+def tf32_switch(allow: bool):
+    """No autograd and the TF32 flags set to ``allow`` for the duration of a call; the global
+    settings are restored after. Only the torch backend's fast mode passes True."""
     _TF32_LOCK.acquire()
     m, c = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = allow
+    torch.backends.cudnn.allow_tf32 = allow
     try:
         with torch.no_grad():
             yield
@@ -46,8 +46,15 @@ def no_tf32():
         _TF32_LOCK.release()
 
 
+def no_tf32():
+    """TF32 off (and no autograd) for the duration of a call: with TF32 on, even the official
+    model's tokens change on NVIDIA GPUs (SPEC §8)."""
+    return tf32_switch(False)
+
+
 class ReferenceBackend:
     name = "reference"
+    precision = "float32"  # the only one: this is the parity oracle
 
     def __init__(self, config, weights, device: Optional[str] = None):
         require_torch()
@@ -62,22 +69,29 @@ class ReferenceBackend:
 
     # -- helpers ---------------------------------------------------------------------------
     def as_tensor(self, video) -> "torch.Tensor":
+        """float32 on the model's device: a tensor already there is used as is (no copy), a
+        host array or tensor is copied over once (a numpy array is wrapped, not copied, on CPU)."""
         if isinstance(video, np.ndarray):
             video = torch.from_numpy(video)
         return video.to(device=self.device, dtype=torch.float32)
 
+    def mode(self):
+        """The arithmetic of a call (the torch backend's fast modes override it): float32 with
+        TF32 off, no autograd."""
+        return no_tf32()
+
     # -- model-level API -------------------------------------------------------------------
     def embed(self, video) -> "torch.Tensor":
-        """(B, T, 3, H, W) -> connector output (B, T, 196, C)."""
-        with no_tf32():
+        """(B, T, 3, H, W) -> connector output (B, T, 196, C) float32."""
+        with self.mode():
             emb, _ = self.model.embed(self.as_tensor(video))
-        return emb
+        return emb.float()  # a no-op but under the torch backend's bf16 autocast
 
     def generate(self, video, budgets: list[int], task_loss_requirement, record_steps=False):
         """Returns per-frame token ids [(B, n_t) int64 numpy] (and the step records)."""
         from ..reference.generation import GazeGenerator
 
-        with no_tf32():
+        with self.mode():
             emb = self.embed(video)
             gen = GazeGenerator(self.model, emb.shape[0], record_steps=record_steps)
             tokens = [
@@ -86,16 +100,18 @@ class ReferenceBackend:
             ]
         return (tokens, gen.steps) if record_steps else tokens
 
-    def score(self, video, frame_tokens: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    def score(self, video, frame_tokens: list[np.ndarray]) -> tuple["torch.Tensor", "torch.Tensor"]:
+        """gaze_probs, task_loss_prediction (B, N) float32 on the model's device."""
         from ..reference.generation import teacher_forced_scores
 
-        with no_tf32():
+        with self.mode():
             emb = self.embed(video)
             toks = [torch.as_tensor(t, device=self.device) for t in frame_tokens]
             gp, tl = teacher_forced_scores(self.model, emb, toks)
-        return gp.cpu().numpy(), tl.cpu().numpy()
+        return gp.float(), tl.float()  # no-ops but under the torch backend's bf16 autocast
 
-    def new_stream(self, batch_size: int) -> "ReferenceStream":
+    def new_stream(self, batch_size: int, max_frames: Optional[int] = None) -> "ReferenceStream":
+        """max_frames: frames between resets (None: unbounded); the reference grows as needed."""
         return ReferenceStream(self, batch_size)
 
 
@@ -103,10 +119,15 @@ class ReferenceStream:
     """One streaming session: the generator state plus the vision conv cache."""
 
     def __init__(self, backend: ReferenceBackend, batch_size: int):
+        self.backend = backend
+        self.batch_size = batch_size
+        self.reset()
+
+    def reset(self) -> None:
+        """Forgets the history: the next step is a fresh session's first frame."""
         from ..reference.generation import GazeGenerator
 
-        self.backend = backend
-        self.generator = GazeGenerator(backend.model, batch_size)
+        self.generator = GazeGenerator(self.backend.model, self.batch_size)
         self.conv_cache = None
 
     def step(self, frame, budget: int, task_loss_requirement) -> np.ndarray:

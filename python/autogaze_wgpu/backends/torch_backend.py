@@ -9,21 +9,30 @@ per-frame loop runs:
   host and is captured in a CUDA graph (``steps_per_sync`` steps per graph launch);
 * steps after a frame is done are no-ops on the state (their writes land past the valid
   length), so the host checks the done flag once per graph launch instead of every step;
-* one host synchronisation per frame to learn the frame length.
+* the host reads one small status tensor (done flag, frame length, cache length) per graph
+  launch, and nothing else per frame; the tokens of a clip come to the host in one copy;
+* decode states (buffers + graphs) are cached per shape in a small LRU that streaming
+  sessions share, so a new session or a ``reset()`` does not recapture graphs.
 
-Parity mode (the default) is float32 with TF32 off; it gives the reference's tokens.
+Parity mode (the default, ``precision="float32"``) is float32 with TF32 off; it gives the
+reference's tokens. The fast modes change only the GEMMs' arithmetic: "tf32" lets cuBLAS and
+cuDNN use TF32 (a no-op on CPU: CPU matmuls stay float32), "bf16" runs the vision convs and
+the decoder's GEMMs in bfloat16 under autocast (decoder weights cast once); norms, softmax,
+RoPE, the KV cache and the whole selection (argmax, masks, stop rules) stay float32.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import math
 import threading
 from typing import Optional
 
 import numpy as np
 
-from ..errors import BackendError
-from .reference import ReferenceBackend, no_tf32, require_torch, torch
+from ..errors import BackendError, InputError
+from .reference import ReferenceBackend, require_torch, tf32_switch, torch
 
 if torch is not None:
     import torch.nn.functional as F
@@ -74,8 +83,12 @@ class DecodeState:
         self.arange_k = torch.arange(self.K, device=dev)
         self.key_idx = torch.arange(capacity, device=dev)
         self.graphs: dict[int, "torch.cuda.CUDAGraph"] = {}  # by decode key length
+        # What the host reads after each graph launch, in one copy: done, n_frame, cache_len.
+        self.status = torch.zeros(3, device=dev, dtype=i64)
         self.kv_len = capacity
         self.steps_per_graph = backend.steps_per_sync
+        self.key = (batch, capacity)
+        self.nbytes = 2 * self.k_cache.nbytes  # the KV cache dominates (graph pools not counted)
         self.reset()
 
     def reset(self) -> None:
@@ -96,16 +109,18 @@ class DecodeState:
         slots = start + torch.arange(L, device=x.device)
         small = self.backend.small_ops and B * L <= self.SMALL_ROWS
         lin = _gemv if small else F.linear
+        w = self.backend.gemm_weights  # the parameters themselves, or bf16 copies in bf16 mode
         for i, layer in enumerate(dec.model.layers):
             attn = layer.self_attn
             h = layer.input_layernorm(x)
-            q = lin(h, attn.q_proj.weight).view(B, L, attn.n_head, attn.head_dim).transpose(1, 2)
-            k = lin(h, attn.k_proj.weight).view(B, L, attn.n_head, attn.head_dim).transpose(1, 2)
-            v = lin(h, attn.v_proj.weight).view(B, L, attn.n_head, attn.head_dim).transpose(1, 2)
+            q = lin(h, w[attn.q_proj]).view(B, L, attn.n_head, attn.head_dim).transpose(1, 2)
+            k = lin(h, w[attn.k_proj]).view(B, L, attn.n_head, attn.head_dim).transpose(1, 2)
+            v = lin(h, w[attn.v_proj]).view(B, L, attn.n_head, attn.head_dim).transpose(1, 2)
             q = q * cos + rotate_half(q) * sin
             k = k * cos + rotate_half(k) * sin
-            self.k_cache[i].index_copy_(2, slots, k)
-            self.v_cache[i].index_copy_(2, slots, v)
+            # The cache stays float32 in every mode (.to is a no-op in float32).
+            self.k_cache[i].index_copy_(2, slots, k.to(self.k_cache.dtype))
+            self.v_cache[i].index_copy_(2, slots, v.to(self.v_cache.dtype))
             keys, values = self.k_cache[i][:, :, :kv_len], self.v_cache[i][:, :, :kv_len]
             if small:  # (B, nh, L, kv): products + sums instead of tiny fp32 batched GEMMs
                 att = (q[:, :, :, None, :] * keys[:, :, None]).sum(-1) * attn.scaling + bias
@@ -114,14 +129,14 @@ class DecodeState:
             else:
                 att = torch.matmul(q, keys.transpose(2, 3)) * attn.scaling + bias
                 y = torch.matmul(F.softmax(att, dim=-1, dtype=torch.float32), values)
-            x = x + lin(y.transpose(1, 2).reshape(B, L, -1), attn.o_proj.weight)
+            x = x + lin(y.transpose(1, 2).reshape(B, L, -1), w[attn.o_proj])
             m = layer.mlp
             hm = layer.post_attention_layernorm(x)
-            x = x + lin(F.silu(lin(hm, m.gate_proj.weight)) * lin(hm, m.up_proj.weight), m.down_proj.weight)
+            x = x + lin(F.silu(lin(hm, w[m.gate_proj])) * lin(hm, w[m.up_proj]), w[m.down_proj])
         hf = dec.model.norm(x[:, -1])
         K, V = dec.cfg.num_multi_token_pred, dec.cfg.vocab_size
-        logits = lin(hf, dec.lm_head.weight).view(B, K, V)
-        return logits, lin(hf, dec.task_loss_prediction_head.weight)
+        logits = lin(hf, w[dec.lm_head]).view(B, K, V)
+        return logits, lin(hf, w[dec.task_loss_prediction_head])
 
     def _bias(self, query_slots, key_ok):
         """Additive mask (B, 1, L, n_keys): causal over cache slots plus the key mask."""
@@ -174,14 +189,16 @@ class DecodeState:
         self.kv_len = min(self.cap, -(-need // self.KV_BUCKET) * self.KV_BUCKET)
         for _ in range(0, max_steps, self.steps_per_graph):
             self._run_steps()
-            if bool(self.done):  # one sync per graph launch
+            # The one host sync per graph launch: done flag, frame length and cache length.
+            done, n_t, cache_len = self.status.tolist()
+            if done:
                 break
         else:  # pragma: no cover - the budget bounds the steps
             raise BackendError("decode loop did not finish within the budget")
 
-        # 3. Frame end (one sync): its run steps take their final mask; the last step waits.
-        n_t = int(self.n_frame)
-        n_run = int(self.cache_len) - self.length
+        # 3. Frame end (no further sync): its run steps take their final mask; the last step
+        #    waits for the next prefill.
+        n_run = cache_len - self.length
         tokens = self.frame_tokens[:, :n_t].clone()
         self.key_mask[:, self.length : self.length + n_run] = tokens[:, :n_run] != pad
         self.length += n_run
@@ -195,8 +212,13 @@ class DecodeState:
                 graph = self.graphs[self.kv_len] = self._capture()
             graph.replay()
             return
+        self._steps()
+
+    def _steps(self) -> None:
+        """What one graph launch runs: ``steps_per_graph`` decode steps, then the status."""
         for _ in range(self.steps_per_graph):
             self._decode_step()
+        torch.stack([self.done.long(), self.n_frame, self.cache_len], out=self.status)
 
     def _capture(self) -> None:
         """Captures ``steps_per_graph`` decode steps in a CUDA graph (warm-up on a side
@@ -213,8 +235,7 @@ class DecodeState:
             t.copy_(v)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            for _ in range(self.steps_per_graph):
-                self._decode_step()
+            self._steps()
         for t, v in zip(self._state_tensors(), saved):
             t.copy_(v)
         return graph
@@ -281,77 +302,190 @@ class DecodeState:
 
 
 class TorchBackend(ReferenceBackend):
-    """Fast torch path with the reference's tokens. CUDA graphs on CUDA devices."""
+    """Fast torch path with the reference's tokens (``precision="float32"``). CUDA graphs on
+    CUDA devices."""
 
     name = "torch"
+    # Decode states kept for reuse, least recently used first out. A stream with a horizon
+    # takes one (a clip's size); an unbounded 16-frame stream walks five capacities (512 ..
+    # 8192 slots); so 8 keeps that and a few clip shapes. The byte bound (KV caches; a 45-tile
+    # clip's is ~1.8 GB) keeps big batches from piling up; the most recently released state is
+    # always kept.
+    MAX_CACHED_STATES = 8
+    MAX_CACHED_BYTES = 4 << 30
 
-    def __init__(self, config, weights, device: Optional[str] = None, steps_per_sync: int = 4, cuda_graphs: bool = True, small_ops: Optional[bool] = None):
+    def __init__(
+        self,
+        config,
+        weights,
+        device: Optional[str] = None,
+        precision: str = "float32",
+        steps_per_sync: int = 4,
+        cuda_graphs: bool = True,
+        small_ops: Optional[bool] = None,
+    ):
+        from . import PRECISIONS
+
         require_torch()
+        if precision not in PRECISIONS:
+            raise InputError(f"precision must be one of {', '.join(map(repr, PRECISIONS))}, got {precision!r}")
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         super().__init__(config, weights, device=device)
+        self.precision = precision
         self.steps_per_sync = int(steps_per_sync)
         self.use_cuda_graphs = bool(cuda_graphs) and self.device.type == "cuda"
-        # Small-matrix path for few rows (see _gemv); on by default on CUDA only.
-        self.small_ops = self.device.type == "cuda" if small_ops is None else bool(small_ops)
-        self._states: dict[tuple[int, int], DecodeState] = {}
-        # Cached decode states (and their CUDA graphs) are shared: one call at a time.
+        # Small-matrix path for few rows (see _gemv): it replaces cuBLAS's slow fp32 kernels,
+        # so it is on by default on CUDA in float32 only (the fast modes want tensor cores).
+        if small_ops is None:
+            small_ops = self.device.type == "cuda" and precision == "float32"
+        self.small_ops = bool(small_ops)
+        # The decoder GEMMs' weights by module: the float32 parameters themselves, or bf16
+        # copies made once (so autocast casts no weights inside the CUDA graphs).
+        gemm_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        dec = self.model.gaze_decoder
+        mods = [dec.lm_head, dec.task_loss_prediction_head]
+        for layer in dec.model.layers:
+            a, m = layer.self_attn, layer.mlp
+            mods += [a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj]
+        self.gemm_weights = {mod: mod.weight.detach().to(gemm_dtype) for mod in mods}
+        self._states: collections.OrderedDict[tuple[int, int], DecodeState] = collections.OrderedDict()
+        self._pool_lock = threading.Lock()
+        # States of dropped streams: appended without a lock (it may happen inside garbage
+        # collection), moved into the cache by the next acquire/release.
+        self._returned: collections.deque[DecodeState] = collections.deque()
+        # generate() runs one call at a time per model (its state and graphs are in use).
         self._lock = threading.Lock()
 
+    @contextlib.contextmanager
+    def mode(self):
+        """The call's arithmetic: TF32 flags per ``precision`` (process-wide, so serialised
+        and restored after, see ``tf32_switch``) and, in bf16 mode, autocast. Its cache is off,
+        as torch requires for CUDA graph capture; the decoder weights are cast once anyway."""
+        with tf32_switch(self.precision == "tf32"):
+            if self.precision == "bf16":
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=False):
+                    yield
+            else:
+                yield
+
+    # -- decode states ---------------------------------------------------------------------
     def capacity(self, num_frames: int, budgets: list[int]) -> int:
         P = self.config.connector.num_tokens
         K = self.config.decoder.num_multi_token_pred
         return sum(P + b + K for b in budgets[:num_frames]) + 2 * K
 
-    def state(self, batch: int, capacity: int) -> DecodeState:
-        """A cached DecodeState for (batch, capacity rounded up), reset for a new sequence."""
+    def acquire_state(self, batch: int, capacity: int) -> DecodeState:
+        """A DecodeState for (batch, capacity rounded up), reset for a new sequence: the cached
+        one of that shape (with its CUDA graphs) if any, else a new one. The caller owns it
+        until :meth:`release_state`."""
         capacity = -(-capacity // 256) * 256  # fewer distinct shapes -> more graph reuse
-        key = (batch, capacity)
-        st = self._states.get(key)
+        with self._pool_lock:
+            self._take_returned()
+            st = self._states.pop((batch, capacity), None)
         if st is None:
-            st = self._states[key] = DecodeState(self, batch, capacity)
+            st = DecodeState(self, batch, capacity)
         st.reset()
         return st
 
+    def release_state(self, st: DecodeState) -> None:
+        """Hands a state back to the cache (it replaces a cached one of the same shape)."""
+        with self._pool_lock:
+            self._take_returned()
+            self._cache(st)
+
+    def close(self) -> None:
+        """Drops the cached decode states (buffers and CUDA graphs); ``AutoGaze.close`` calls
+        it. States in use by a running call or a stream go when their user drops them."""
+        with self._pool_lock:
+            self._returned.clear()
+            self._states.clear()
+
+    def _take_returned(self) -> None:
+        while self._returned:
+            self._cache(self._returned.popleft())
+
+    def _cache(self, st: DecodeState) -> None:
+        self._states.pop(st.key, None)
+        self._states[st.key] = st  # the young end
+        while len(self._states) > 1 and (
+            len(self._states) > self.MAX_CACHED_STATES
+            or sum(s.nbytes for s in self._states.values()) > self.MAX_CACHED_BYTES
+        ):
+            self._states.popitem(last=False)
+
+    # -- model-level API (embed and score: the reference's, under this mode) -----------------
     def generate(self, video, budgets: list[int], task_loss_requirement, record_steps=False):
         if record_steps:
             return super().generate(video, budgets, task_loss_requirement, record_steps=True)
-        with self._lock, no_tf32():
+        with self._lock, self.mode():
             emb = self.embed(video)
             B, T = emb.shape[:2]
-            st = self.state(B, self.capacity(T, budgets))
-            tokens = [st.frame(emb[:, t], budgets[t], task_loss_requirement) for t in range(T)]
-            return [t.cpu().numpy() for t in tokens]
+            st = self.acquire_state(B, self.capacity(T, budgets))
+            try:
+                tokens = [st.frame(emb[:, t], budgets[t], task_loss_requirement) for t in range(T)]
+            finally:
+                self.release_state(st)
+        # One device-to-host copy for the clip (the outputs are assembled on the host); the
+        # frame lengths are already known there.
+        flat = torch.cat(tokens, dim=1).cpu().numpy()
+        return np.split(flat, np.cumsum([t.shape[1] for t in tokens])[:-1], axis=1)
 
-    def new_stream(self, batch_size: int) -> "TorchStream":
-        return TorchStream(self, batch_size)
+    def new_stream(self, batch_size: int, max_frames: Optional[int] = None) -> "TorchStream":
+        """max_frames: frames between resets (None: unbounded)."""
+        return TorchStream(self, batch_size, max_frames)
 
 
 class TorchStream:
-    """Streaming on the torch backend: a DecodeState whose capacity doubles when needed."""
+    """Streaming on the torch backend. Its DecodeState comes from the backend's cache (so a
+    new session, or this one after ``reset()``, reuses buffers and CUDA graphs) and goes back
+    there on ``reset()`` and when the stream is dropped. With ``max_frames`` (the session's
+    horizon) the first frame takes a state with room for the whole window (the size a clip
+    of that length uses); without, the state is swapped for one of at least twice the
+    capacity whenever it is full."""
 
-    def __init__(self, backend: TorchBackend, batch_size: int):
+    def __init__(self, backend: TorchBackend, batch_size: int, max_frames: Optional[int] = None):
         self.backend = backend
         self.batch_size = batch_size
+        self.max_frames = max_frames
         self.conv_cache = None
         self.state: Optional[DecodeState] = None
 
     def _ensure_capacity(self, budget: int) -> DecodeState:
-        be = self.backend
-        need = be.capacity(1, [budget]) + (self.state.length if self.state else 0)
-        if self.state is None or need > self.state.cap:
-            new = DecodeState(be, self.batch_size, max(need, 2 * (self.state.cap if self.state else 0)))
-            if self.state is not None:  # move the sequence over
-                L = self.state.length
-                new.k_cache[:, :, :, :L] = self.state.k_cache[:, :, :, :L]
-                new.v_cache[:, :, :, :L] = self.state.v_cache[:, :, :, :L]
-                new.key_mask[:, :L] = self.state.key_mask[:, :L]
-                new.length, new.pending = L, self.state.pending
+        be, old = self.backend, self.state
+        need = be.capacity(1, [budget]) + (old.length if old else 0)
+        if old is None or need > old.cap:
+            window = be.capacity(self.max_frames, [budget] * self.max_frames) if self.max_frames else 0
+            new = be.acquire_state(self.batch_size, max(need, window, 2 * old.cap if old else 0))
+            if old is not None:  # move the sequence over, then hand the old state back
+                L = old.length
+                new.k_cache[:, :, :, :L] = old.k_cache[:, :, :, :L]
+                new.v_cache[:, :, :, :L] = old.v_cache[:, :, :, :L]
+                new.key_mask[:, :L] = old.key_mask[:, :L]
+                new.length, new.pending = L, old.pending
+                be.release_state(old)
             self.state = new
         return self.state
 
     def step(self, frame, budget: int, task_loss_requirement) -> np.ndarray:
-        with no_tf32():
-            emb, self.conv_cache = self.backend.model.embed(self.backend.as_tensor(frame), self.conv_cache)
+        be = self.backend
+        with be.mode():
+            emb, self.conv_cache = be.model.embed(be.as_tensor(frame), self.conv_cache)
             st = self._ensure_capacity(budget)
-            return st.frame(emb[:, 0], budget, task_loss_requirement).cpu().numpy()
+            return st.frame(emb[:, 0].float(), budget, task_loss_requirement).cpu().numpy()
+
+    def reset(self) -> None:
+        """Forgets the history (KV cache, conv cache, pending last step): the next ``step``
+        is a fresh session's first frame. The state goes back to the backend's cache, so that
+        step takes the same state a new session would (buffers and CUDA graphs kept)."""
+        self.conv_cache = None
+        st, self.state = self.state, None
+        if st is not None:
+            self.backend.release_state(st)
+
+    def __del__(self):
+        # May run inside garbage collection: no locks, the backend takes the state back later.
+        st = getattr(self, "state", None)
+        if st is not None:
+            self.state = None
+            self.backend._returned.append(st)

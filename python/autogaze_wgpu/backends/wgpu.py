@@ -8,11 +8,12 @@ facade's calls to the native ``WgpuEngine`` / ``WgpuSession``.
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Optional
 
 import numpy as np
 
 from .. import _native
-from ..errors import InputError
+from ..errors import DeviceError, InputError
 from ..outputs import split_frame_tokens
 
 
@@ -67,36 +68,52 @@ class WgpuBackend:
             "score() is not implemented on the wgpu backend yet; use backend='reference' or 'torch'"
         )
 
-    def new_stream(self, batch_size: int) -> "WgpuStream":
-        return WgpuStream(self, batch_size)
+    def new_stream(self, batch_size: int, max_frames: Optional[int] = None) -> "WgpuStream":
+        return WgpuStream(self, batch_size, max_frames)
 
 
 class WgpuStream:
-    """A streaming session; the GPU session is created on the first frame (its size is
-    needed) with room for as many frames as the adapter's binding limits allow, trying
-    ``MAX_FRAMES_TRIED`` in order. Past that, ``step`` raises InputError (start a new session)."""
+    """A streaming session. The GPU session is created on the first frame (its size is
+    needed) with room for ``max_frames`` frames (the session's horizon), or, unbounded, for
+    as many as the adapter's binding limits allow, trying ``MAX_FRAMES_TRIED`` in order.
+    ``reset`` reuses its buffers."""
 
     MAX_FRAMES_TRIED = (1024, 256, 64, 16)
 
-    def __init__(self, backend: WgpuBackend, batch_size: int):
+    def __init__(self, backend: WgpuBackend, batch_size: int, max_frames: Optional[int] = None):
         self.backend = backend
         self.batch_size = batch_size
+        self.max_frames = max_frames
         self.session = None
-        self.requirement = None
+
+    def reset(self) -> None:
+        if self.session is not None:
+            self.session.reset()
+
+    def _open(self, x: np.ndarray, task_loss_requirement):
+        tried = (self.max_frames,) if self.max_frames else self.MAX_FRAMES_TRIED
+        for i, frames in enumerate(tried):
+            try:
+                return self.backend.engine.session(
+                    self.batch_size, frames, x.shape[-2], x.shape[-1], task_loss_requirement
+                )
+            except DeviceError as e:
+                if "largest storage binding" not in str(e):
+                    raise
+                if i + 1 == len(tried):
+                    raise DeviceError(
+                        f"{e}; a session of {frames} frames does not fit this adapter: use a "
+                        "shorter horizon or fewer batch rows"
+                    ) from e
 
     def step(self, frame, budget: int, task_loss_requirement) -> np.ndarray:
         x = _host_f32(frame)
         if self.session is None:
-            from ..errors import DeviceError
-
-            for i, frames in enumerate(self.MAX_FRAMES_TRIED):
-                try:
-                    self.session = self.backend.engine.session(
-                        self.batch_size, frames, x.shape[-2], x.shape[-1], task_loss_requirement
-                    )
-                    break
-                except DeviceError as e:
-                    if "largest storage binding" not in str(e) or i + 1 == len(self.MAX_FRAMES_TRIED):
-                        raise
+            self.session = self._open(x, task_loss_requirement)
+        elif self.session.frames >= self.session.max_frames:
+            raise InputError(
+                f"this wgpu session holds {self.session.max_frames} frames (the adapter's "
+                "binding limits); give AutoGaze.stream a horizon, or start a new session"
+            )
         V = self.backend.config.num_vision_tokens_each_frame
         return self.session.step(x, _ratio_for_budget(budget, V))

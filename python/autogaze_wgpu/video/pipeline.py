@@ -11,9 +11,8 @@ Long videos. The model was trained on clips of ``config.max_num_frames`` (16) fr
   time.
 * ``long_video="stream"``: one streaming session (``AutoGaze.stream``), one frame per step,
   carrying the KV and conv caches. Output arrives every frame (cameras, live video). The
-  history is bounded by ``stream_horizon`` frames: the session restarts after that many
-  frames, which bounds memory and keeps positions in range (the backend keeps no sliding
-  window). With ``stream_horizon == clip_len`` the tokens equal ``clips``' exactly; a longer
+  history is bounded by ``stream_horizon`` frames (the session's ``horizon``: it forgets its
+  history after that many frames), which bounds memory and keeps positions in range. With ``stream_horizon == clip_len`` the tokens equal ``clips``' exactly; a longer
   horizon gives more history than the model was trained on.
 
 Tiles are run in bounded batches of ``max_tile_batch`` rows (separate generate calls /
@@ -107,10 +106,6 @@ class ModelSource:
     def reset(self) -> None:
         self._sessions = {}
 
-    def reset_history(self) -> None:
-        """Ends the streaming sessions (the next frame starts fresh ones)."""
-        self._sessions = {}
-
     def clip_tokens(self, clip: TileClip, tiles: list[int], ratios, req):
         """Per frame: per tile (n,) ids and (n,) confidences (or None)."""
         pv = clip.pixel_values(tiles)
@@ -129,12 +124,12 @@ class ModelSource:
             )
         return toks, confs
 
-    def stream_tokens(self, clip: TileClip, tiles: list[int], ratio, req):
+    def stream_tokens(self, clip: TileClip, tiles: list[int], ratio, req, horizon: int):
         key = tuple(tiles)
         session = self._sessions.get(key)
         if session is None:
             session = self.model.stream(
-                batch_size=len(tiles), gazing_ratio=ratio, task_loss_requirement=req
+                batch_size=len(tiles), gazing_ratio=ratio, task_loss_requirement=req, horizon=horizon
             )
             self._sessions[key] = session
         out = session.step(clip.pixel_values(tiles))
@@ -159,9 +154,6 @@ class BaselineSource:
     def reset(self) -> None:
         self.baseline.reset()
 
-    def reset_history(self) -> None:
-        """A baseline's only history is the previous frame: kept across horizons."""
-
     def _tokens(self, clip: TileClip, tiles: list[int], ratios):
         u8, valid = clip.uint8_tiles(tiles)
         if ratios is None or _is_number(ratios):
@@ -173,7 +165,8 @@ class BaselineSource:
     def clip_tokens(self, clip: TileClip, tiles: list[int], ratios, req):
         return self._tokens(clip, tiles, ratios)
 
-    def stream_tokens(self, clip: TileClip, tiles: list[int], ratio, req):
+    def stream_tokens(self, clip: TileClip, tiles: list[int], ratio, req, horizon: int):
+        # A baseline's only history is the previous frame: the horizon does not apply.
         return self._tokens(clip, tiles, ratio)
 
 
@@ -278,7 +271,6 @@ class VideoGazer:
         self.layout: TileLayout | None = None
         self._frames: list[FrameGaze] = []
         self._count = 0
-        self._since_reset = 0
         self.source.reset()
 
     # -- parameters ----------------------------------------------------------------------------
@@ -401,14 +393,11 @@ class VideoGazer:
                 self._count += 1
         else:
             for t in range(T):
-                if self.stream_horizon and self._since_reset >= self.stream_horizon:
-                    self.source.reset_history()
-                    self._since_reset = 0
                 clip = TileClip(layout, frames[t : t + 1], processor)
                 tokens = [None] * layout.num_tiles
                 for group in self._tile_groups():
                     toks, _ = self.source.stream_tokens(
-                        clip, group, self.gazing_ratio, self.task_loss_requirement
+                        clip, group, self.gazing_ratio, self.task_loss_requirement, self.stream_horizon
                     )
                     for j, k in enumerate(group):
                         tokens[k] = toks[0][j]
@@ -423,7 +412,6 @@ class VideoGazer:
                     )
                 )
                 self._count += 1
-                self._since_reset += 1
         self._frames += results
         return results
 

@@ -249,8 +249,7 @@ mod tests {
         }
 
         // GPU: embed+qkv, then attention + merge (for two query-tile sizes).
-        let qkv_op =
-            Matmul::new(ctx, MatmulSpec::new(ALoad::Embed, Epi::Qkv, Tile::Small)).unwrap();
+        let qkv_op = Matmul::new(ctx, MatmulSpec::new(ALoad::Embed, Epi::Qkv, Tile::Gemv)).unwrap();
         let wb = ctx.storage_init("wts", &wts).unwrap();
         let visb = ctx.storage_init("vis", &vis).unwrap();
         let genb = ctx.storage_init("state", &state).unwrap();

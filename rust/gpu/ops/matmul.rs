@@ -47,15 +47,26 @@ pub enum Epi {
 pub enum Tile {
     /// 64 x 64, 256 threads (4 x 4 each): big GEMMs (vision, prefill).
     Large,
-    /// 16 x 32, 64 threads (4 x 2 each), k-steps of 64: decode steps (M = 10 B) and heads.
+    /// 16 x 32, 64 threads (4 x 2 each), k-steps of 64: few-row GEMMs.
     Small,
+    /// Small's tiles, or the `gemv` entry for at most [`GEMV_MAX_ROWS`] rows: 16 rows x 2
+    /// columns per workgroup, 64 threads splitting K. For decode steps (M = 10 B) and the
+    /// heads (M = B), where with one video the tiles leave most of the GPU idle.
+    Gemv,
 }
 
+/// Rows up to which `Tile::Gemv` launches the `gemv` entry. On an H100 (Vulkan, 192-wide
+/// decoder) it took 14 us where Small's tiles took 23-33 us at M = 10, but 78-230 us where
+/// the tiles took 39-89 us at M = 450 (45 tiles), and 100 vs 58 us for the heads at M = 45.
+pub const GEMV_MAX_ROWS: u32 = 16;
+
 impl Tile {
+    /// (TM, TN, RM, RN) of the `main` entry (`gemv` compiles beside it with Small's shape and
+    /// uses TM rows).
     pub fn dims(self) -> (u32, u32, u32, u32) {
         match self {
             Tile::Large => (64, 64, 4, 4),
-            Tile::Small => (16, 32, 4, 2),
+            Tile::Small | Tile::Gemv => (16, 32, 4, 2),
         }
     }
 
@@ -63,7 +74,7 @@ impl Tile {
     pub fn depth(self) -> u32 {
         match self {
             Tile::Large => 16,
-            Tile::Small => 64,
+            Tile::Small | Tile::Gemv => 64,
         }
     }
 }
@@ -199,13 +210,25 @@ pub struct Extra<'a> {
 pub struct Matmul {
     pub spec: MatmulSpec,
     kernel: Arc<Kernel>,
+    /// `Tile::Gemv`: the `gemv` entry of the same source. Its bind group layout has the same
+    /// entries, so the bind groups made for `kernel` serve it too (WebGPU group-equivalence).
+    gemv: Option<Arc<Kernel>>,
 }
 
 impl Matmul {
     pub fn new(ctx: &GpuContext, spec: MatmulSpec) -> Result<Self> {
+        let key = spec.key();
+        let gemv = match spec.tile {
+            Tile::Gemv => Some(ctx.kernel(&PipelineKey {
+                entry: "gemv",
+                ..key.clone()
+            })?),
+            _ => None,
+        };
         Ok(Self {
             spec,
-            kernel: ctx.kernel(&spec.key())?,
+            kernel: ctx.kernel(&key)?,
+            gemv,
         })
     }
 
@@ -245,11 +268,19 @@ impl Matmul {
         bg: &wgpu::BindGroup,
         p: &MatmulParams,
     ) -> Result<()> {
-        let (tm, tn, _, _) = self.spec.tile.dims();
         if matches!(self.spec.epi, Epi::Swiglu | Epi::Qkv) && !p.n.is_multiple_of(2) {
             return Err(Error::Backend("paired epilogue needs an even N".into()));
         }
-        rec.dispatch(&self.kernel, bg, p, [p.n.div_ceil(tn), p.m.div_ceil(tm), 1])
+        match &self.gemv {
+            Some(g) if p.m <= GEMV_MAX_ROWS => {
+                let (rows, _, _, _) = self.spec.tile.dims();
+                rec.dispatch(g, bg, p, [p.n.div_ceil(2), p.m.div_ceil(rows), 1])
+            }
+            _ => {
+                let (tm, tn, _, _) = self.spec.tile.dims();
+                rec.dispatch(&self.kernel, bg, p, [p.n.div_ceil(tn), p.m.div_ceil(tm), 1])
+            }
+        }
     }
 }
 
@@ -346,7 +377,12 @@ mod tests {
 
     #[test]
     fn matmul_bias_relu_addrow() {
-        for (tile, m, n, k) in [(Tile::Large, 70, 37, 45), (Tile::Small, 13, 33, 29)] {
+        for (tile, m, n, k) in [
+            (Tile::Large, 70, 37, 45),
+            (Tile::Small, 13, 33, 29),
+            (Tile::Gemv, 13, 33, 131), // the gemv entry
+            (Tile::Gemv, 37, 33, 131), // past GEMV_MAX_ROWS: Small's tiles
+        ] {
             let mut rng = Rng(11);
             let a = rng.vec(m * k, 1.0);
             let w = rng.vec(n * k, 1.0);
@@ -397,31 +433,46 @@ mod tests {
 
     #[test]
     fn matmul_residual_and_swiglu() {
-        let (m, n, k) = (19, 22, 35);
+        for m in [19, 11] {
+            residual_and_swiglu(m, 22, 35);
+        }
+    }
+
+    fn residual_and_swiglu(m: usize, n: usize, k: usize) {
         let mut rng = Rng(12);
         let a = rng.vec(m * k, 1.0);
         let w = rng.vec(n * k, 1.0);
         let x0 = rng.vec(m * n, 1.0);
-        let spec = MatmulSpec::new(ALoad::Plain, Epi::Residual, Tile::Small);
-        let (got, _, _) = run(spec, &a, &w, &x0, base(m, n, k), None, 0, None, 0);
         let mm = matmul_cpu(&a, &w, m, n, k);
-        let want: Vec<f32> = x0.iter().zip(&mm).map(|(x, y)| x + y).collect();
-        assert_close("matmul residual", &got, &want, 1e-5, 1e-5);
+        for tile in [Tile::Small, Tile::Gemv] {
+            let spec = MatmulSpec::new(ALoad::Plain, Epi::Residual, tile);
+            let (got, _, _) = run(spec, &a, &w, &x0, base(m, n, k), None, 0, None, 0);
+            let want: Vec<f32> = x0.iter().zip(&mm).map(|(x, y)| x + y).collect();
+            assert_close(
+                &format!("matmul residual {tile:?}"),
+                &got,
+                &want,
+                1e-5,
+                1e-5,
+            );
+        }
 
         // SwiGLU: rows interleave gate/up; N/2 outputs per row.
-        let spec = MatmulSpec::new(ALoad::Plain, Epi::Swiglu, Tile::Large);
-        let mut p = base(m, n, k);
-        p.ldc = (n / 2) as u32;
-        let (got, _, _) = run(spec, &a, &w, &vec![0.0; m * n / 2], p, None, 0, None, 0);
-        let mut want = vec![0.0f32; m * n / 2];
-        for i in 0..m {
-            for j in 0..n / 2 {
-                let g = mm[i * n + 2 * j];
-                let u = mm[i * n + 2 * j + 1];
-                want[i * n / 2 + j] = g / (1.0 + (-g).exp()) * u;
+        for tile in [Tile::Large, Tile::Gemv] {
+            let spec = MatmulSpec::new(ALoad::Plain, Epi::Swiglu, tile);
+            let mut p = base(m, n, k);
+            p.ldc = (n / 2) as u32;
+            let (got, _, _) = run(spec, &a, &w, &vec![0.0; m * n / 2], p, None, 0, None, 0);
+            let mut want = vec![0.0f32; m * n / 2];
+            for i in 0..m {
+                for j in 0..n / 2 {
+                    let g = mm[i * n + 2 * j];
+                    let u = mm[i * n + 2 * j + 1];
+                    want[i * n / 2 + j] = g / (1.0 + (-g).exp()) * u;
+                }
             }
+            assert_close(&format!("matmul swiglu {tile:?}"), &got, &want, 1e-5, 1e-5);
         }
-        assert_close("matmul swiglu", &got, &want, 1e-5, 1e-5);
     }
 
     #[test]
@@ -435,11 +486,29 @@ mod tests {
         let mut p = base(m, n, k);
         p.g_off = (n * k) as u32;
         p.eps = 1e-5;
-        for tile in [Tile::Large, Tile::Small] {
+        for (tile, rows) in [
+            (Tile::Large, m),
+            (Tile::Small, m),
+            (Tile::Gemv, m),
+            (Tile::Gemv, 9),
+        ] {
+            let mut p = p;
+            p.m = rows as u32;
             let spec = MatmulSpec::new(ALoad::Rms, Epi::Store, tile);
             let (got, _, _) = run(spec, &a, &wts, &vec![0.0; m * n], p, None, 0, None, 0);
             let want = matmul_cpu(&rmsnorm_cpu(&a, &g, k, 1e-5), &w, m, n, k);
-            assert_close(&format!("matmul rmsnorm {tile:?}"), &got, &want, 2e-5, 1e-5);
+            let rows_want = &want[..rows * n];
+            assert_close(
+                &format!("matmul rmsnorm {tile:?} M={rows}"),
+                &got[..rows * n],
+                rows_want,
+                2e-5,
+                1e-5,
+            );
+            assert!(
+                got[rows * n..].iter().all(|v| *v == 0.0),
+                "rows past M written"
+            );
         }
         // Heads: row m of the output is the last of nt = 7 slots of batch row m.
         let nt = 7;
@@ -447,13 +516,21 @@ mod tests {
         let mut p2 = p;
         p2.m = b as u32;
         p2.nt = nt as u32;
-        let spec = MatmulSpec::new(ALoad::Rms, Epi::Store, Tile::Small).last();
-        let (got, _, _) = run(spec, &a, &wts, &vec![0.0; b * n], p2, None, 0, None, 0);
         let last: Vec<f32> = (0..b)
             .flat_map(|r| a[(r * nt + nt - 1) * k..(r * nt + nt) * k].to_vec())
             .collect();
         let want = matmul_cpu(&rmsnorm_cpu(&last, &g, k, 1e-5), &w, b, n, k);
-        assert_close("matmul rmsnorm last slot", &got, &want, 2e-5, 1e-5);
+        for tile in [Tile::Small, Tile::Gemv] {
+            let spec = MatmulSpec::new(ALoad::Rms, Epi::Store, tile).last();
+            let (got, _, _) = run(spec, &a, &wts, &vec![0.0; b * n], p2, None, 0, None, 0);
+            assert_close(
+                &format!("matmul rmsnorm last slot {tile:?}"),
+                &got,
+                &want,
+                2e-5,
+                1e-5,
+            );
+        }
     }
 
     #[test]

@@ -1,0 +1,163 @@
+"""The torch backend's own machinery: tensors in without copies, fast modes, the decode-state
+cache and streaming reuse. On CPU in CI; AUTOGAZE_TEST_DEVICE=cuda runs them on CUDA (graphs)."""
+
+from __future__ import annotations
+
+import gc
+import os
+
+import numpy as np
+import pytest
+from conftest import MODEL_DIR, case_pixel_values
+
+import autogaze_wgpu as ag
+
+torch = pytest.importorskip("torch")
+DEVICE = os.environ.get("AUTOGAZE_TEST_DEVICE", "cpu")
+
+
+@pytest.fixture(scope="module")
+def torch_model():
+    return ag.AutoGaze.from_pretrained(MODEL_DIR, backend="torch", device=DEVICE)
+
+
+def _spy_embed(monkeypatch, model) -> list:
+    """Records the data pointer of every video tensor the vision encoder receives."""
+    seen = []
+    real = model.backend.model.embed
+
+    def spy(video, *a, **k):
+        seen.append(video.data_ptr())
+        return real(video, *a, **k)
+
+    monkeypatch.setattr(model.backend.model, "embed", spy)
+    return seen
+
+
+def test_tensor_on_the_model_device_is_not_copied(torch_model, monkeypatch):
+    seen = _spy_embed(monkeypatch, torch_model)
+    pv = case_pixel_values("a")[:, :2]
+    x = torch.from_numpy(pv.copy()).to(DEVICE)  # contiguous float32 on the model's device
+    out = torch_model.generate(x, gazing_ratio=0.05)
+    torch_model.embed(x[0])  # (T, 3, H, W): a view of the same memory
+    assert seen == [x.data_ptr(), x.data_ptr()]
+    # A numpy array is wrapped, not copied, on CPU (moved once to a GPU); other dtypes are
+    # converted once.
+    np.testing.assert_array_equal(torch_model.generate(pv, gazing_ratio=0.05).gazing_pos, out.gazing_pos)
+    if DEVICE == "cpu":
+        assert seen[-1] == pv.__array_interface__["data"][0]
+    np.testing.assert_array_equal(torch_model.generate(x.double(), gazing_ratio=0.05).gazing_pos, out.gazing_pos)
+    assert len(seen) == 4 and seen[-1] != x.data_ptr()
+
+
+def test_fast_modes_run_and_float32_stays_exact():
+    pv = case_pixel_values("a")[:, :3]
+    kw = {"gazing_ratio": 0.3, "task_loss_requirement": 0.7}
+    ref = ag.AutoGaze.from_pretrained(MODEL_DIR, backend="reference", device=DEVICE).generate(pv, **kw)
+    outs = {}
+    for prec in ("float32", "tf32", "bf16"):
+        model = ag.AutoGaze.from_pretrained(MODEL_DIR, backend="torch", device=DEVICE, precision=prec)
+        assert model.precision == prec
+        outs[prec] = out = model.generate(pv, **kw)
+        T, budget = 3, 79
+        assert out.gazing_pos.shape == (1, int(out.num_gazing_each_frame.sum()))
+        assert out.num_gazing_each_frame.shape == (T,) and (out.num_gazing_each_frame <= budget).all()
+        for tok in out.frame_tokens:  # ids in range, no repeats within a frame
+            real = tok[tok != 265]
+            assert ((real >= 0) & (real < 265)).all() and len(set(real.tolist())) == real.size
+        assert [m.shape for m in out.gazing_mask] == [(1, T, 4), (1, T, 16), (1, T, 49), (1, T, 196)]
+        assert out.num_real_gazes().sum() == (~out.if_padded_gazing).sum()
+        assert model.embed(pv).dtype == np.float32
+        s = model.score(pv, out)
+        assert s.gaze_probs.dtype == np.float32 and np.isfinite(s.task_loss_prediction).all()
+    np.testing.assert_array_equal(outs["float32"].gazing_pos, ref.gazing_pos)
+    np.testing.assert_array_equal(outs["float32"].if_padded_gazing, ref.if_padded_gazing)
+    if DEVICE == "cpu":  # TF32 is an NVIDIA tensor-core format: on CPU it is float32
+        np.testing.assert_array_equal(outs["tf32"].gazing_pos, ref.gazing_pos)
+
+
+def test_fast_mode_leaves_global_tf32_flags_alone():
+    model = ag.AutoGaze.from_pretrained(MODEL_DIR, backend="torch", device=DEVICE, precision="tf32")
+    seen = []
+    real = model.backend.model.embed
+
+    def spy(video, *a, **k):
+        seen.append(torch.backends.cuda.matmul.allow_tf32)
+        return real(video, *a, **k)
+
+    model.backend.model.embed = spy
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    model.generate(case_pixel_values("a")[:, :1], gazing_ratio=0.05)
+    assert seen == [True]
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+
+
+def _run(stream, pv, budget, req):
+    """Per-frame tokens, and the decode state each frame ran on."""
+    tokens, states = [], []
+    for t in range(pv.shape[1]):
+        tokens.append(stream.step(pv[:, t : t + 1], budget, req))
+        states.append(stream.state)
+    return tokens, states
+
+
+@pytest.mark.parametrize("max_frames", [None, 3])
+def test_stream_reset_equals_fresh_session_and_reuses_states(torch_model, monkeypatch, max_frames):
+    from autogaze_wgpu.backends.torch_backend import DecodeState
+
+    be = torch_model.backend
+    pv = np.concatenate([case_pixel_values("a")[:, :3]] * 2, 0)  # batch 2
+    ratio, req = 0.151, 0.7
+    budget = ag.inputs.gazing_budget(ratio, 265)  # 40
+    built = []
+    real_init = DecodeState.__init__
+
+    def counting_init(self, *a, **k):
+        built.append(self)
+        real_init(self, *a, **k)
+
+    monkeypatch.setattr(DecodeState, "__init__", counting_init)
+    s = be.new_stream(2, max_frames=max_frames)
+    first, st_first = _run(s, pv, budget, req)  # an unbounded stream grows on frame 3
+    n_built = len(built)
+    s.reset()
+    again, st_again = _run(s, pv, budget, req)
+    fresh_stream = be.new_stream(2, max_frames=max_frames)
+    s.reset()  # hands its state back for the new session to take
+    fresh, st_fresh = _run(fresh_stream, pv, budget, req)
+    assert len(built) == n_built, "reset or a new session built new decode states"
+    assert all(a is b is c for a, b, c in zip(st_first, st_again, st_fresh))
+    assert (len({id(x) for x in st_first}) == 1) == (max_frames is not None)
+    for a, b, c in zip(first, again, fresh):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, c)
+    whole = torch_model.generate(pv, gazing_ratio=ratio, task_loss_requirement=req)
+    for t, tok in enumerate(first):
+        np.testing.assert_array_equal(tok, whole.frame_tokens[t])
+    if max_frames is not None:  # the window's state has a clip's capacity: no growth
+        assert fresh_stream.state.cap == -(-be.capacity(3, [budget] * 3) // 256) * 256
+
+
+def test_state_cache_is_bounded(torch_model, monkeypatch):
+    be = torch_model.backend
+    be._states.clear()
+    for cap in range(256, 256 * (be.MAX_CACHED_STATES + 4), 256):
+        be.release_state(be.acquire_state(1, cap))
+    assert len(be._states) == be.MAX_CACHED_STATES
+    assert (1, 256) not in be._states  # the least recently used went first
+    st = be.acquire_state(1, 256 * (be.MAX_CACHED_STATES + 3))  # a hit: taken out while in use
+    assert len(be._states) == be.MAX_CACHED_STATES - 1
+    be.release_state(st)
+    monkeypatch.setattr(type(be), "MAX_CACHED_BYTES", 1)  # too small for any: the newest stays
+    be.release_state(be.acquire_state(2, 256))
+    assert list(be._states) == [(2, 256)]
+
+
+def test_dropped_stream_hands_its_state_back(torch_model):
+    be = torch_model.backend
+    s = be.new_stream(1)
+    s.step(case_pixel_values("a")[:, :1], 13, None)
+    st = s.state
+    del s
+    gc.collect()
+    assert be.acquire_state(*st.key) is st
