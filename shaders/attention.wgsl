@@ -1,11 +1,13 @@
 // attention.wgsl: causal attention of this forward's queries over the KV cache, split over
 // key chunks (flash-decoding), then a merge of the chunks.
 //
-// `main`: each workgroup takes QT query slots (one thread each) of one (batch row, head) and
-// one chunk of keys. The chunk is walked in tiles of KT keys that the workgroup loads
-// cooperatively into workgroup memory; every thread keeps its query, an online-softmax
-// state and its output accumulator in registers. Output per (row, head, slot, chunk): a
-// partial (max, sum of exp, unnormalised sum of exp * v).
+// `main`: each workgroup takes QT query slots of one (batch row, head) and one chunk of keys,
+// with LANES threads per slot. The chunk is walked in tiles of KT keys that the workgroup
+// loads cooperatively into workgroup memory; lane j of a slot takes keys j, j + LANES, ... of
+// each tile and keeps its query, an online-softmax state and its output accumulator in
+// registers; the lanes' states are combined at the end. Output per (row, head, slot,
+// chunk): a partial (max, sum of exp, unnormalised sum of exp * v). Decode steps (10 slots)
+// use 4 lanes: 4x the threads loading the cache and a 4x shorter chain per thread.
 // `merge`: one thread per (row, slot, head, dim) combines the chunks into the attention
 // output [B, nt, heads * HD] (read by o_proj).
 //
@@ -24,12 +26,14 @@ struct Params {
 }
 
 const QT: u32 = {{QT}}u;
+const LANES: u32 = {{LANES}}u;
+const NT: u32 = QT * LANES;  // threads per workgroup
 const KT: u32 = 32u;
 const HD: u32 = {{HEAD_DIM}}u;
 const HD4: u32 = HD / 4u;
-// Constant trip counts for the cooperative tile loads (KT * HD4 is a multiple of QT).
-const KV_LOADS: u32 = KT * HD4 / QT;
-const MASK_LOADS: u32 = max(KT / QT, 1u);
+// Constant trip counts for the cooperative tile loads (KT * HD4 is a multiple of NT).
+const KV_LOADS: u32 = KT * HD4 / NT;
+const MASK_LOADS: u32 = max(KT / NT, 1u);
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> gen: array<u32>;            // generation state
@@ -44,10 +48,18 @@ var<workgroup> wg_first: u32;
 var<workgroup> tk: array<vec4<f32>, KT * HD4>;
 var<workgroup> tv: array<vec4<f32>, KT * HD4>;
 var<workgroup> tm: array<u32, KT>;
+#if LANES == 1
+#else
+// Lanes 1.. hand their (max, sum) to lane 0 here; their accumulators go through tk/tv, free
+// after the key loop ((LANES - 1) * QT <= 2 * KT, checked by the Rust launcher).
+var<workgroup> lane_ml: array<vec2<f32>, NT>;
+#endif
 
-@compute @workgroup_size(QT)
-fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
-    if (li == 0u) {
+@compute @workgroup_size(NT)
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li_: u32) {
+    let li = li_ % QT;     // query slot within the workgroup
+    let lane = li_ / QT;   // which keys of each tile this thread takes
+    if (li_ == 0u) {
         wg_flag = gen[S_DONE] * p.skip_if_done;
         wg_base = gen[S_BASE];
         wg_first = gen[S_FIRST];
@@ -86,7 +98,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     for (var j0 = i32(k_lo); j0 < k_end; j0 += i32(KT)) {
         // Cooperative tile load: KT keys x HD4 vec4 for K and V, plus the key mask.
         for (var r = 0u; r < KV_LOADS; r++) {
-            let e = li + r * QT;
+            let e = li_ + r * NT;
             let kk = e / HD4;
             let t = e % HD4;
             let j = j0 + i32(kk);
@@ -101,7 +113,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             tv[e] = kvv;
         }
         for (var r = 0u; r < MASK_LOADS; r++) {
-            let kk = li + r * QT;
+            let kk = li_ + r * NT;
             if (kk < KT) {
                 let j = j0 + i32(kk);
                 var mk = 0u;
@@ -114,7 +126,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         workgroupBarrier();
         if (valid) {
             let n_here = min(i32(KT), min(k_end, ci + 1) - j0);
-            for (var kk = 0; kk < n_here; kk++) {
+            for (var kk = i32(lane); kk < n_here; kk += i32(LANES)) {
                 if (tm[kk] != 0u) {
                     var s4 = vec4<f32>(0.0);
                     for (var t = 0u; t < HD4; t++) {
@@ -139,6 +151,49 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         }
         workgroupBarrier();
     }
+#if LANES == 1
+#else
+    // Combine the lanes of each slot into lane 0 (online-softmax merge, as `merge` does for
+    // chunks; a lane that saw no key has l = 0 and adds nothing).
+    if (lane > 0u) {
+        lane_ml[li_] = vec2<f32>(m, l);
+        let s0 = (li_ - QT) * HD4;
+        for (var t = 0u; t < HD4; t++) {
+            let e = s0 + t;
+            if (e < KT * HD4) {
+                tk[e] = acc[t];
+            } else {
+                tv[e - KT * HD4] = acc[t];
+            }
+        }
+    }
+    workgroupBarrier();
+    if (lane != 0u) {
+        return;
+    }
+    for (var j = 1u; j < LANES; j++) {
+        let src = j * QT + li;
+        let ml = lane_ml[src];
+        if (ml.y > 0.0) {
+            let mx = max(m, ml.x);
+            let c_self = exp(m - mx);
+            let c_other = exp(ml.x - mx);
+            l = l * c_self + ml.y * c_other;
+            let s0 = (src - QT) * HD4;
+            for (var t = 0u; t < HD4; t++) {
+                let e = s0 + t;
+                var a = vec4<f32>(0.0);
+                if (e < KT * HD4) {
+                    a = tk[e];
+                } else {
+                    a = tv[e - KT * HD4];
+                }
+                acc[t] = acc[t] * c_self + a * c_other;
+            }
+            m = mx;
+        }
+    }
+#endif
     if (i < p.nt) {
         let o = (((b * p.heads + h) * p.nt + i) * p.nchunk + wg.y) * (HD + 2u);
         part[o] = m;

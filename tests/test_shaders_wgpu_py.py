@@ -123,7 +123,9 @@ def _type_size(ty: str, consts: dict[str, int]) -> int:
         return 4
     if ty == "vec4<f32>":
         return 16
-    m = re.fullmatch(r"array<\s*(vec4<f32>|f32|u32|i32)\s*,\s*(.+)>", ty)
+    if ty == "vec2<f32>":
+        return 8
+    m = re.fullmatch(r"array<\s*(vec4<f32>|vec2<f32>|f32|u32|i32)\s*,\s*(.+)>", ty)
     assert m, f"workgroup type `{ty}` not understood"
     return _type_size(m.group(1), consts) * _const_eval(m.group(2), consts)
 
@@ -681,19 +683,21 @@ def test_matmul_embed_qkv_rope_kv_write(gpu, tile, entry):
 
 
 @pytest.mark.parametrize(
-    "b,heads,hd,qt,nt,base,first,cap,chunk",
+    "b,heads,hd,qt,lanes,nt,base,first,cap,chunk",
     [
-        (2, 6, 32, 16, 10, 213, 0, 256, 64),  # a decode step (model shape, QT 16)
-        (1, 6, 32, 64, 206, -4, 4, 256, 64),  # a first prefill: negative base, idle slots
-        (2, 2, 8, 4, 7, 45, 1, 80, 32),  # the Rust test's shape
-        (3, 2, 32, 64, 37, 50, 3, 96, 96),  # one chunk
-        (1, 3, 8, 16, 13, 0, 0, 13, 32),  # chunk past the cache's end
-        (2, 1, 32, 16, 1, 29, 0, 33, 32),  # one query
+        (2, 6, 32, 16, 4, 10, 213, 0, 256, 128),  # a decode step (model shape: 16 x 4 lanes)
+        (2, 6, 32, 16, 1, 10, 213, 0, 256, 64),  # the same, one lane
+        (1, 6, 32, 64, 1, 206, -4, 4, 256, 64),  # a first prefill: negative base, idle slots
+        (2, 2, 8, 4, 1, 7, 45, 1, 80, 32),  # the Rust test's shape
+        (2, 2, 8, 4, 4, 7, 45, 1, 80, 32),  # ... with lanes
+        (3, 2, 32, 64, 1, 37, 50, 3, 96, 96),  # one chunk
+        (1, 3, 8, 16, 4, 13, 0, 0, 13, 32),  # chunk past the cache's end, lanes
+        (2, 1, 32, 16, 4, 1, 29, 0, 33, 32),  # one query, lanes
     ],
 )
-def test_attention_and_merge(gpu, b, heads, hd, qt, nt, base, first, cap, chunk):
-    main = gpu.kernel("attention", "main", HEAD_DIM=hd, QT=qt)
-    merge = gpu.kernel("attention", "merge", HEAD_DIM=hd, QT=qt)
+def test_attention_and_merge(gpu, b, heads, hd, qt, lanes, nt, base, first, cap, chunk):
+    main = gpu.kernel("attention", "main", HEAD_DIM=hd, QT=qt, LANES=lanes)
+    merge = gpu.kernel("attention", "merge", HEAD_DIM=hd, QT=qt, LANES=lanes)
     c = heads * hd
     nchunk = math.ceil((base + nt) / chunk)
     rng = np.random.default_rng(nt * 13 + hd)
@@ -738,7 +742,7 @@ def test_attention_and_merge(gpu, b, heads, hd, qt, nt, base, first, cap, chunk)
         out = probs @ V  # (B, H, nt, HD)
         out[:, :, :first] = 0.0  # idle slots merge to zeros
         want = out.transpose(1, 2).reshape(b, nt, c)
-        assert_close(f"attention B{b} H{heads} hd{hd} QT{qt} nt{nt} base{base} {nchunk} chunks",
+        assert_close(f"attention B{b} H{heads} hd{hd} QT{qt}x{lanes} nt{nt} base{base} {nchunk} chunks",
                      got[2], want, 2e-5, 1e-5)  # fmt: skip
 
 

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use bytemuck::{Pod, Zeroable};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::gpu::buffer::{BindGroupBuilder, ParamArena, Recorder};
 use crate::gpu::context::GpuContext;
 use crate::gpu::pipeline::{Kernel, PipelineKey};
@@ -29,17 +29,31 @@ pub const KT: u32 = 32;
 pub struct Attention {
     kernel: Arc<Kernel>,
     merge: Arc<Kernel>,
-    /// Query slots per workgroup (one thread each).
+    /// Query slots per workgroup.
     qt: u32,
 }
 
 impl Attention {
-    /// `qt` query slots per workgroup: 64 for prefill forwards, 16 for decode steps.
-    pub fn new(ctx: &GpuContext, head_dim: usize, qt: u32) -> Result<Self> {
+    /// `qt` query slots per workgroup with `lanes` threads each: 64 x 1 for prefill
+    /// forwards, 16 x 4 for decode steps (few queries, long key chunks).
+    pub fn new(ctx: &GpuContext, head_dim: usize, qt: u32, lanes: u32) -> Result<Self> {
+        let threads = qt * lanes;
+        let hd4 = head_dim as u32 / 4;
+        // The shader's constant trip counts and its lane hand-over through the K/V tiles.
+        if lanes == 0
+            || !(KT * hd4).is_multiple_of(threads)
+            || (lanes - 1) * qt > 2 * KT
+            || threads > ctx.limits.max_compute_invocations_per_workgroup
+        {
+            return Err(Error::Backend(format!(
+                "attention: {qt} slots x {lanes} lanes does not fit head_dim {head_dim}"
+            )));
+        }
         let key = |e| {
             PipelineKey::new("attention", e)
                 .define("HEAD_DIM", head_dim)
                 .define("QT", qt)
+                .define("LANES", lanes)
         };
         Ok(Self {
             kernel: ctx.kernel(&key("main"))?,
@@ -322,9 +336,9 @@ mod tests {
             skip_if_done: 1,
             scale,
         };
-        for qt in [4u32, 16] {
+        for (qt, lanes) in [(4u32, 1u32), (4, 4), (16, 1), (16, 4)] {
             ctx.write(&qb, 0, &qg);
-            let attn = Attention::new(ctx, hd, qt).unwrap();
+            let attn = Attention::new(ctx, hd, qt, lanes).unwrap();
             let bg2 = attn
                 .bind(ctx, &arena, &genb, &qb, &kvb, &maskb, &partb)
                 .unwrap();
