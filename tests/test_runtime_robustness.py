@@ -342,3 +342,22 @@ def test_tiles_larger_than_the_frame(backend, mode, kw, tiles):
         # cells wholly in the zero padding are not counted and their gazes are dropped
         assert res.layout.tokens_available < 265
         assert res.num_gazes[0] + res.num_dropped.sum() == res.num_real.sum()
+
+
+def test_wgpu_device_lost_says_reload_and_a_reload_works():
+    """Device loss (driver reset, GPU removed), injected: every later call on that model is a
+    DeviceError saying to load it again, streams too; a freshly loaded model works."""
+    model = _fresh("wgpu")
+    x = _pixels(3)
+    before = model.generate(x, gazing_ratio=0.05)
+    session = model.stream(gazing_ratio=0.05)
+    model.backend.engine._simulate_device_lost()
+    for call in (
+        lambda: model.generate(x, gazing_ratio=0.05),
+        lambda: model.embed(x),
+        lambda: session.step(x[:, :1]),
+        lambda: model.stream(gazing_ratio=0.05).step(x[:, :1]),
+    ):
+        with pytest.raises(ag.DeviceError, match="load it again"):
+            call()
+    _same(_fresh("wgpu").generate(x, gazing_ratio=0.05), before)

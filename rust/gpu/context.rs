@@ -156,12 +156,23 @@ impl GpuContext {
     pub fn check_health(&self) -> Result<()> {
         let g = lock(&self.health);
         if let Some(m) = &g.lost {
-            return Err(Error::Device(m.clone()));
+            // Everything on the device (weights, caches) is gone with it.
+            return Err(Error::Device(format!(
+                "{m}; this model can no longer run on it: load it again"
+            )));
         }
         if let Some(m) = &g.uncaptured {
             return Err(Error::Backend(format!("GPU error: {m}")));
         }
         Ok(())
+    }
+
+    /// Fault injection for tests: marks the device lost, as the device-lost callback does
+    /// after a driver reset or a removed GPU, and destroys it.
+    #[doc(hidden)]
+    pub fn simulate_device_lost(&self) {
+        lock(&self.health).lost = Some("GPU device lost (simulated)".into());
+        self.device.destroy();
     }
 
     /// Runs `f` inside out-of-memory and validation error scopes and maps what they catch

@@ -255,6 +255,33 @@ fn profiled_generate_b_is_the_same_generation() {
     assert!(kernels.windows(2).all(|w| w[0].total_us >= w[1].total_us));
 }
 
+/// A lost device fails every later call with `Error::Device` saying to reload (no panic, no
+/// hang); a new engine on a new device works.
+#[test]
+fn device_lost_fails_cleanly_and_a_reload_works() {
+    let load = || {
+        let (cfg, w) = crate::weights::load_model(&fixtures_dir().join("model")).expect("model");
+        Engine::new(&cfg, &w).expect("engine")
+    };
+    let e = load();
+    let px = vec![0.5f32; 3 * 32 * 32];
+    let shape = [1usize, 1, 3, 32, 32];
+    let p = params(1, 0.05, None);
+    let before = e.generate(&px, &shape, &p).expect("generate");
+    e.context().simulate_device_lost();
+    for r in [
+        e.generate(&px, &shape, &p).map(|_| ()),
+        e.embed(&px, &shape).map(|_| ()),
+        e.session(1, 2, (32, 32), None).map(|_| ()),
+    ] {
+        let err = r.expect_err("a lost device must fail");
+        assert!(matches!(err, crate::Error::Device(_)), "{err}");
+        assert!(err.to_string().contains("load it again"), "{err}");
+    }
+    let again = load().generate(&px, &shape, &p).expect("reloaded");
+    assert_eq!(again.gazing_pos, before.gazing_pos);
+}
+
 #[test]
 fn parity_generate_c_requirement_only() {
     let (px, shape) = case_a_pixels();

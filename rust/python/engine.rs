@@ -78,6 +78,11 @@ impl WgpuEngine {
         self.engine.context().info.name.clone()
     }
 
+    /// Fault injection for tests: the device is lost as after a driver reset.
+    fn _simulate_device_lost(&self) {
+        self.engine.context().simulate_device_lost();
+    }
+
     /// ``pixel_values`` float32 (B, T, 3, H, W) -> connector output (B, T, 196, C).
     fn embed<'py>(
         &self,
