@@ -344,6 +344,20 @@ def test_tiles_larger_than_the_frame(backend, mode, kw, tiles):
         assert res.num_gazes[0] + res.num_dropped.sum() == res.num_real.sum()
 
 
+@pytest.mark.parametrize("mode", ["resize", "tiled"])
+@pytest.mark.parametrize("H, W", [(5, 7), (1, 1), (13, 200)])
+def test_frames_smaller_than_the_grid_give_whole_pixel_boxes(mode, H, W):
+    """Cells under a pixel wide (a 5x7 frame has 14 cells a side) map to the pixel holding
+    them: no empty boxes (the mapping is the same for every backend)."""
+    frames = synthetic_video(num_frames=1, height=H, width=W, seed=6)
+    res = load_model("reference")(frames, mode=mode, gazing_ratio=0.5, confidence=False)
+    fx = res.fixations
+    assert len(fx) > 0
+    assert ((fx["x0"] >= 0) & (fx["y0"] >= 0) & (fx["x1"] <= W) & (fx["y1"] <= H)).all()
+    assert ((fx["x0"] < fx["x1"]) & (fx["y0"] < fx["y1"])).all()
+    assert res.pixel_mask(0).any()
+
+
 def test_wgpu_device_lost_says_reload_and_a_reload_works():
     """Device loss (driver reset, GPU removed), injected: every later call on that model is a
     DeviceError saying to load it again, streams too; a freshly loaded model works."""

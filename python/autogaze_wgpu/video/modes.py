@@ -203,6 +203,10 @@ class TileLayout:
                 ye, xe = self.y_edges[s], self.x_edges[s]
                 y0[m], y1[m] = ye[row[m]], ye[row[m] + 1]
                 x0[m], x1[m] = xe[col[m]], xe[col[m] + 1]
+            # A frame smaller than the grid (e.g. 5x7 px, 14 cells a side) has cells under a
+            # pixel wide: their box is the source pixel that contains them, never empty.
+            y0, x0 = np.minimum(y0, self.height - 1), np.minimum(x0, self.width - 1)
+            y1, x1 = np.maximum(y1, y0 + 1), np.maximum(x1, x0 + 1)
             valid = np.ones(scale.shape, dtype=bool)
         return {
             "scale": scale,
