@@ -375,3 +375,16 @@ def test_wgpu_device_lost_says_reload_and_a_reload_works():
         with pytest.raises(ag.DeviceError, match="load it again"):
             call()
     _same(_fresh("wgpu").generate(x, gazing_ratio=0.05), before)
+
+
+def test_wgpu_out_of_memory_fails_the_call_and_the_model_stays_usable():
+    """GPU out of memory while a call allocates (injected): that call is a DeviceError naming
+    what was being allocated; the same model then gives the undisturbed results."""
+    model = _fresh("wgpu")
+    small, big = _pixels(4), _pixels(5, T=2, B=2, size=40)
+    want_small = model.generate(small, gazing_ratio=0.05)
+    model.backend.engine._simulate_oom_on_next_allocation()
+    with pytest.raises(ag.DeviceError, match="out of GPU memory while allocating"):
+        model.generate(big, gazing_ratio=0.05)  # a new shape: a new workspace is allocated
+    _same(model.generate(big, gazing_ratio=0.05), _fresh("wgpu").generate(big, gazing_ratio=0.05))
+    _same(model.generate(small, gazing_ratio=0.05), want_small)

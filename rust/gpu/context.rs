@@ -47,6 +47,8 @@ pub struct GpuContext {
     pub info: DeviceInfo,
     pub(crate) pipelines: PipelineCache,
     health: Arc<Mutex<Health>>,
+    /// Fault injection for tests: the next allocation reports out of memory.
+    fail_next_allocation: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for GpuContext {
@@ -149,6 +151,7 @@ impl GpuContext {
             info,
             pipelines: PipelineCache::default(),
             health,
+            fail_next_allocation: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -175,6 +178,14 @@ impl GpuContext {
         self.device.destroy();
     }
 
+    /// Fault injection for tests: the next buffer allocation fails as out of GPU memory
+    /// would (the same error, raised by [`GpuContext::scoped`]).
+    #[doc(hidden)]
+    pub fn simulate_oom_on_next_allocation(&self) {
+        self.fail_next_allocation
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
     /// Runs `f` inside out-of-memory and validation error scopes and maps what they catch
     /// (`what` names the operation in the message).
     pub fn scoped<T>(&self, what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
@@ -183,7 +194,14 @@ impl GpuContext {
         let val = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let out = f();
         let verr = pollster::block_on(val.pop());
-        let merr = pollster::block_on(oom.pop());
+        let mut merr = pollster::block_on(oom.pop()).map(|e| e.to_string());
+        if what.starts_with("allocating")
+            && self
+                .fail_next_allocation
+                .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            merr = Some("(simulated)".into());
+        }
         if let Some(e) = merr {
             return Err(Error::Device(format!(
                 "out of GPU memory while {what}: {e}"

@@ -282,6 +282,43 @@ fn device_lost_fails_cleanly_and_a_reload_works() {
     assert_eq!(again.gazing_pos, before.gazing_pos);
 }
 
+/// Out of memory while a call allocates: that call fails with `Error::Device`, the engine
+/// stays usable and later calls give the tokens of an undisturbed engine.
+#[test]
+fn out_of_memory_fails_the_call_and_the_engine_stays_usable() {
+    let (cfg, w) = crate::weights::load_model(&fixtures_dir().join("model")).expect("model");
+    let e = Engine::new(&cfg, &w).expect("engine");
+    let small = vec![0.25f32; 3 * 32 * 32];
+    let big = vec![0.75f32; 2 * 2 * 3 * 40 * 40];
+    let (s_small, s_big) = ([1usize, 1, 3, 32, 32], [2usize, 2, 3, 40, 40]);
+    let want_small = e
+        .generate(&small, &s_small, &params(1, 0.05, None))
+        .expect("small");
+    e.context().simulate_oom_on_next_allocation();
+    // A new shape needs a new workspace: its first allocation fails.
+    let err = e
+        .generate(&big, &s_big, &params(2, 0.05, None))
+        .expect_err("out of memory");
+    assert!(matches!(err, crate::Error::Device(_)), "{err}");
+    assert!(
+        err.to_string()
+            .contains("out of GPU memory while allocating"),
+        "{err}"
+    );
+    let got_big = e
+        .generate(&big, &s_big, &params(2, 0.05, None))
+        .expect("retry");
+    let fresh = Engine::new(&cfg, &w).expect("engine");
+    let want_big = fresh
+        .generate(&big, &s_big, &params(2, 0.05, None))
+        .expect("fresh");
+    assert_eq!(got_big.gazing_pos, want_big.gazing_pos);
+    let again = e
+        .generate(&small, &s_small, &params(1, 0.05, None))
+        .expect("small again");
+    assert_eq!(again.gazing_pos, want_small.gazing_pos);
+}
+
 #[test]
 fn parity_generate_c_requirement_only() {
     let (px, shape) = case_a_pixels();

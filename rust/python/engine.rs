@@ -83,6 +83,11 @@ impl WgpuEngine {
         self.engine.context().simulate_device_lost();
     }
 
+    /// Fault injection for tests: the next GPU allocation fails as out of memory.
+    fn _simulate_oom_on_next_allocation(&self) {
+        self.engine.context().simulate_oom_on_next_allocation();
+    }
+
     /// ``pixel_values`` float32 (B, T, 3, H, W) -> connector output (B, T, 196, C).
     fn embed<'py>(
         &self,
