@@ -24,7 +24,7 @@ def test_profile_accounts_for_every_dispatch():
         assert "timestamp" in str(e)
         return
     assert sum(n for _, n, _ in prof["kernels"]) == prof["dispatches"] > 0
-    assert prof["submits"] == 1
+    assert prof["submits"] == x.shape[1]  # one per frame: the CPU records ahead of the GPU
     times = [us for _, _, us in prof["kernels"]]
     assert all(t >= 0 for t in times) and times == sorted(times, reverse=True)
     assert prof["gpu_us"] == pytest.approx(sum(times))

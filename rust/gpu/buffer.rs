@@ -134,6 +134,8 @@ pub struct ParamArena {
     capacity: u64,
     data: Vec<u8>,
     index: HashMap<Vec<u8>, u32>,
+    /// Bytes of `data` already queued for upload (a call may submit in several pieces).
+    uploaded: usize,
 }
 
 impl ParamArena {
@@ -155,6 +157,7 @@ impl ParamArena {
             capacity,
             data: Vec::new(),
             index: HashMap::new(),
+            uploaded: 0,
         })
     }
 
@@ -162,6 +165,7 @@ impl ParamArena {
     pub fn clear(&mut self) {
         self.data.clear();
         self.index.clear();
+        self.uploaded = 0;
     }
 
     /// Stores a block (or finds an identical one) and returns its dynamic offset.
@@ -188,10 +192,16 @@ impl ParamArena {
         Ok(off as u32)
     }
 
-    /// Queues the blocks for upload (call before submitting the recorded commands).
-    pub fn upload(&self, ctx: &GpuContext) {
-        if !self.data.is_empty() {
-            ctx.queue.write_buffer(&self.buffer, 0, &self.data);
+    /// Queues the blocks added since the last upload (call before submitting the recorded
+    /// commands). Earlier blocks stay where they are: submits already queued read them.
+    pub fn upload(&mut self, ctx: &GpuContext) {
+        if self.data.len() > self.uploaded {
+            ctx.queue.write_buffer(
+                &self.buffer,
+                self.uploaded as u64,
+                &self.data[self.uploaded..],
+            );
+            self.uploaded = self.data.len();
         }
     }
 }
@@ -329,6 +339,12 @@ pub struct Recorder<'a> {
 impl<'a> Recorder<'a> {
     pub fn new(ctx: &GpuContext, arena: &'a mut ParamArena) -> Self {
         arena.clear();
+        Self::resume(ctx, arena)
+    }
+
+    /// A recorder for the next piece of the same call: the arena keeps the blocks the
+    /// earlier pieces' commands use.
+    pub fn resume(ctx: &GpuContext, arena: &'a mut ParamArena) -> Self {
         let encoder = ctx
             .device
             .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
@@ -343,8 +359,8 @@ impl<'a> Recorder<'a> {
         }
     }
 
-    /// A recorder that times every dispatch with timestamp queries (see [`Profiler`]);
-    /// read the times with [`Recorder::submit_profiled`].
+    /// [`resume`](Self::resume) with every dispatch timed by timestamp queries (see
+    /// [`Profiler`]); read the times with [`Recorder::submit_profiled`].
     pub fn profiled(ctx: &GpuContext, arena: &'a mut ParamArena) -> Result<Self> {
         if !ctx.info.timestamp_inside_passes {
             return Err(Error::Device(format!(
@@ -352,7 +368,7 @@ impl<'a> Recorder<'a> {
                 ctx.info.name
             )));
         }
-        let mut r = Self::new(ctx, arena);
+        let mut r = Self::resume(ctx, arena);
         r.profiler = Some(Profiler {
             device: ctx.device.clone(),
             sets: Vec::new(),

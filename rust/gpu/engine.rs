@@ -1163,8 +1163,8 @@ impl Engine {
         Ok(out)
     }
 
-    /// Gaze generation for a clip (SPEC §5), all on the GPU: one submit per chunk of frames
-    /// (one for ordinary clips) and one readback.
+    /// Gaze generation for a clip (SPEC §5), all on the GPU: one submit per frame (the CPU
+    /// records the next frame while the GPU runs this one) and one readback.
     pub fn generate(
         &self,
         pixel_values: &[f32],
@@ -1246,38 +1246,11 @@ impl Engine {
         let mut stats = CallStats::default();
         let mut kernels: Vec<KernelTime> = Vec::new();
         let ow = out_words(&ws.spec, d) as u64 * 4;
-        let mut t0 = 0;
-        while t0 < t {
-            let n = tc.min(t - t0);
-            self.upload_frames(ws, pixel_values, (b, t, h, w), t0, n);
-            let rec_start = std::time::Instant::now();
-            let mut rec = if profile {
-                Recorder::profiled(&i.ctx, arena)?
-            } else {
-                Recorder::new(&i.ctx, arena)
-            };
-            if t0 == 0 {
-                rec.encoder().clear_buffer(&ws.lnw, 0, None);
-            }
-            self.record_vision(&mut rec, ws, b, n, t0, (h, w))?;
-            for j in 0..n {
-                let tt = t0 + j;
-                self.record_frame(
-                    &mut rec,
-                    ws,
-                    b,
-                    &plans[tt],
-                    params.task_loss_requirement,
-                    n,
-                    j,
-                    tt,
-                    debug,
-                )?;
-            }
-            if t0 + n == t {
-                rec.encoder()
-                    .copy_buffer_to_buffer(&ws.out, 0, &ws.out_staging, 0, ow);
-            }
+        // Submit frame by frame, so the GPU runs frame f while the CPU records frame f + 1
+        // (recording a frame costs ~1 ms of CPU; one submit per clip left it all serial).
+        // The parameter arena keeps every block until the call ends.
+        arena.clear();
+        let mut flush = |rec: Recorder<'_>, rec_start: std::time::Instant| -> Result<()> {
             stats.dispatches += rec.dispatches;
             stats.passes += rec.passes;
             stats.submits += 1;
@@ -1297,6 +1270,42 @@ impl Engine {
                 rec.submit(&i.ctx)?;
                 stats.record_us += rec_start.elapsed().as_micros() as u64;
             }
+            Ok(())
+        };
+        let mut t0 = 0;
+        while t0 < t {
+            let n = tc.min(t - t0);
+            self.upload_frames(ws, pixel_values, (b, t, h, w), t0, n);
+            let mut rec_start = std::time::Instant::now();
+            let mut rec = next_recorder(&i.ctx, &mut *arena, profile)?;
+            if t0 == 0 {
+                rec.encoder().clear_buffer(&ws.lnw, 0, None);
+            }
+            self.record_vision(&mut rec, ws, b, n, t0, (h, w))?;
+            for j in 0..n {
+                let tt = t0 + j;
+                self.record_frame(
+                    &mut rec,
+                    ws,
+                    b,
+                    &plans[tt],
+                    params.task_loss_requirement,
+                    n,
+                    j,
+                    tt,
+                    debug,
+                )?;
+                if j + 1 < n {
+                    flush(rec, rec_start)?;
+                    rec_start = std::time::Instant::now();
+                    rec = next_recorder(&i.ctx, &mut *arena, profile)?;
+                }
+            }
+            if t0 + n == t {
+                rec.encoder()
+                    .copy_buffer_to_buffer(&ws.out, 0, &ws.out_staging, 0, ow);
+            }
+            flush(rec, rec_start)?;
             t0 += n;
         }
         kernels.sort_by(|a, b| b.total_us.total_cmp(&a.total_us));
@@ -1456,6 +1465,19 @@ impl Engine {
         };
         s.reset();
         Ok(s)
+    }
+}
+
+/// The recorder for the next piece of a call (profiled or not); the arena keeps its blocks.
+fn next_recorder<'a>(
+    ctx: &GpuContext,
+    arena: &'a mut ParamArena,
+    profile: bool,
+) -> Result<Recorder<'a>> {
+    if profile {
+        Recorder::profiled(ctx, arena)
+    } else {
+        Ok(Recorder::resume(ctx, arena))
     }
 }
 

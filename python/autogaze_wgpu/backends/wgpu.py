@@ -1,7 +1,7 @@
 """``backend="wgpu"``: the whole model in WGSL compute shaders through the Rust ``wgpu`` crate.
 
-The engine (``rust/gpu/``) keeps the generation loop on the GPU: one submit and one readback
-per clip, one per frame when streaming. Float32 throughout. This file only adapts the
+The engine (``rust/gpu/``) keeps the generation loop on the GPU: a submit per frame and one
+readback per clip, one per frame when streaming. Float32 throughout. This file only adapts the
 facade's calls to the native ``WgpuEngine`` / ``WgpuSession``.
 """
 
