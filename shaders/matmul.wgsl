@@ -241,13 +241,21 @@ fn epilogue(m: u32, n: u32, v0: f32, v1: f32) {
 #endif
 }
 
-@compute @workgroup_size(NTHREADS)
-fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
 #if DEC
+// True (for the whole workgroup) when this decode kernel may skip: the frame is done and the
+// launch allows skipping. Call from uniform control flow.
+fn frame_done(li: u32) -> bool {
     if (li == 0u) {
         wg_flag = gen[S_DONE] * p.skip_if_done;
     }
-    if (workgroupUniformLoad(&wg_flag) != 0u) {
+    return workgroupUniformLoad(&wg_flag) != 0u;
+}
+#endif
+
+@compute @workgroup_size(NTHREADS)
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+#if DEC
+    if (frame_done(li)) {
         return;
     }
 #endif
@@ -341,10 +349,7 @@ var<workgroup> gv_red: array<f32, GV * TM * 3u>;  // [TM * 3][GV]: acc col 0 | a
 @compute @workgroup_size(GV)
 fn gemv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
 #if DEC
-    if (li == 0u) {
-        wg_flag = gen[S_DONE] * p.skip_if_done;
-    }
-    if (workgroupUniformLoad(&wg_flag) != 0u) {
+    if (frame_done(li)) {
         return;
     }
 #endif
