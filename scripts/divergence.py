@@ -37,8 +37,8 @@ def first_divergence(a: list[np.ndarray], b: list[np.ndarray]):
 def main(argv=None) -> int:
     import autogaze_wgpu as ag
     import torch
+    from autogaze_wgpu.bench import bench_inputs
     from autogaze_wgpu.inputs import gazing_budget, resolve_gazing_params
-    from autogaze_wgpu.testing import synthetic_video
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, type=Path)
@@ -47,10 +47,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
 
     proc = ag.AutoGazeProcessor.from_pretrained(a.model)
-    if a.workload == "tiles45":
-        video = proc(synthetic_video(16, 224, 224, seed=8, batch=45))
-    else:
-        video = proc(synthetic_video(16, 224, 224, seed=7))
+    clip, tiles = bench_inputs(proc, tiles=45 if a.workload == "tiles45" else None)
+    video = clip if tiles is None else tiles
     runs = []
     for spec in a.runs.split(","):
         name, _, dev = spec.partition(":")

@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from autogaze_wgpu.bench import _median_time, workload
+from autogaze_wgpu.bench import _median_time, bench_inputs, workload
 
 
 def frame_tokens(out) -> list[np.ndarray]:
@@ -61,7 +61,6 @@ def agreement(base: list[np.ndarray], fast: list[np.ndarray], pad: int) -> dict:
 
 def main(argv=None) -> int:
     import autogaze_wgpu as ag
-    from autogaze_wgpu.testing import synthetic_video
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="model dir (default: a random-weight model in the released format)")
@@ -89,8 +88,7 @@ def main(argv=None) -> int:
     workloads = [w for w in args.workloads.split(",") if w]
     precisions = ["float32"] + [x for x in args.precisions.split(",") if x and x != "float32"]
     proc = ag.AutoGazeProcessor.from_pretrained(model_dir)
-    clip = proc(synthetic_video(args.frames, 224, 224, seed=7))
-    tiles = proc(synthetic_video(args.frames, 224, 224, seed=8, batch=args.tiles)) if "tiles45" in workloads else None
+    clip, tiles = bench_inputs(proc, args.frames, args.tiles if "tiles45" in workloads else None)
     dev_name = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"CPU ({platform.machine()})"
     print(f"model: {model_dir}; device: {device} ({dev_name}); torch {torch.__version__}; "
           f"repeat: {args.repeat}; frames: {args.frames}; tiles: {args.tiles}", flush=True)

@@ -21,8 +21,8 @@ def main(argv=None) -> int:
     import autogaze_wgpu as ag
     import numpy as np
     from autogaze_wgpu.backends.wgpu import _ratio_for_budget
+    from autogaze_wgpu.bench import bench_inputs
     from autogaze_wgpu.inputs import gazing_budget, resolve_gazing_params
-    from autogaze_wgpu.testing import synthetic_video
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, type=Path)
@@ -34,8 +34,8 @@ def main(argv=None) -> int:
     model = ag.AutoGaze.from_pretrained(a.model, backend="wgpu")
     cfg = model.config
     proc = ag.AutoGazeProcessor.from_pretrained(a.model)
-    batch = 45 if a.workload == "tiles45" else None
-    video = proc(synthetic_video(16, 224, 224, seed=8 if batch else 7, batch=batch))
+    clip, tiles = bench_inputs(proc, tiles=45 if a.workload == "tiles45" else None)
+    video = clip if tiles is None else tiles
     ratio, req = (0.75, None) if a.workload == "no-stop" else (None, None)
     ratios, req = resolve_gazing_params(cfg, ratio, req, video.shape[1])
     V = cfg.num_vision_tokens_each_frame

@@ -109,6 +109,14 @@ def assert_exact(name: str, got, want) -> None:
     )
 
 
+@pytest.fixture(scope="session")
+def rand_dir(tmp_path_factory):
+    """A random-weight model in the released format (seed 3), shared by the test files."""
+    from autogaze_wgpu.testing import random_model
+
+    return random_model(tmp_path_factory.mktemp("rand") / "model", seed=3)
+
+
 @pytest.fixture(params=None)
 def backend(request):
     return request.param

@@ -7,12 +7,7 @@ import pytest
 from conftest import MODEL_DIR, case_pixel_values, load_model
 
 import autogaze_wgpu as ag
-from autogaze_wgpu.testing import random_model, synthetic_video
-
-
-@pytest.fixture(scope="module")
-def rand_dir(tmp_path_factory):
-    return random_model(tmp_path_factory.mktemp("rand") / "model", seed=3)
+from autogaze_wgpu.testing import synthetic_video
 
 
 @pytest.fixture(scope="module")

@@ -14,11 +14,6 @@ from autogaze_wgpu.testing import random_model, released_config, synthetic_video
 
 
 @pytest.fixture(scope="module")
-def rand_dir(tmp_path_factory):
-    return random_model(tmp_path_factory.mktemp("rand") / "model", seed=3)
-
-
-@pytest.fixture(scope="module")
 def pixels(rand_dir):
     proc = ag.AutoGazeProcessor.from_pretrained(rand_dir)
     return proc(synthetic_video(num_frames=5, height=96, width=128, seed=11, batch=2))

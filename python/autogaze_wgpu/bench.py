@@ -19,8 +19,8 @@ import platform
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import numpy as np
 
@@ -66,13 +66,22 @@ def workload(model, wl: str, clip, tiles) -> Callable[[], object]:
     raise SystemExit(f"unknown workload {wl!r}")
 
 
-def run(model_dir: Path, backends: list[str], device: Optional[str], repeat: int, workloads: list[str]) -> list[dict]:
-    import autogaze_wgpu as ag
+def bench_inputs(proc, frames: int = 16, tiles: int | None = 45) -> tuple[np.ndarray, np.ndarray | None]:
+    """The benchmark's pixel values: the clip (1, frames, 3, 224, 224) and the tile batch
+    (tiles, frames, ...; None when ``tiles`` is None). Fixed seeds (7, 8), so every script
+    (bench, profile, divergence, fast-mode agreement) times the same video."""
     from autogaze_wgpu.testing import synthetic_video
 
+    clip = proc(synthetic_video(frames, 224, 224, seed=7))
+    batch = proc(synthetic_video(frames, 224, 224, seed=8, batch=tiles)) if tiles else None
+    return clip, batch
+
+
+def run(model_dir: Path, backends: list[str], device: str | None, repeat: int, workloads: list[str]) -> list[dict]:
+    import autogaze_wgpu as ag
+
     proc = ag.AutoGazeProcessor.from_pretrained(model_dir)
-    clip = proc(synthetic_video(16, 224, 224, seed=7))
-    tiles = proc(synthetic_video(16, 224, 224, seed=8, batch=45)) if "tiles45" in workloads else None
+    clip, tiles = bench_inputs(proc, tiles=45 if "tiles45" in workloads else None)
     rows = []
     for name in backends:
         kw = {"device": device} if name in ("torch", "reference") and device else {}
@@ -106,7 +115,7 @@ def print_table(rows: list[dict]) -> None:
         ratio = base.get(r["workload"], float("nan")) / r["seconds"]
         ref_sha = next((x["tokens_sha"] for x in rows if x["backend"] == "reference" and x["workload"] == r["workload"]), None)
         same = "" if r["tokens_sha"] is None or ref_sha is None else ("same as reference" if r["tokens_sha"] == ref_sha else "DIFFERENT")
-        print(f"{r['backend']:10s} {r['workload']:9s} {r['seconds'] * 1e3:9.2f}ms {ratio:12.1f}x {str(r['slots'] or ''):>7s} {same}")
+        print(f"{r['backend']:10s} {r['workload']:9s} {r['seconds'] * 1e3:9.2f}ms {ratio:12.1f}x {r['slots'] or ''!s:>7s} {same}")
     print(f"devices: {sorted({r['backend'] + ': ' + r['device'] for r in rows})}")
 
 

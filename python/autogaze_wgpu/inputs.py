@@ -143,12 +143,22 @@ def resolve_gazing_params(
     return ratios, task_loss_requirement
 
 
-def check_num_frames(cfg: AutoGazeConfig, num_frames: int, tokens_per_frame: int) -> None:
-    """Refuses clips whose positions would pass the decoder's position range."""
+def positive_int(name: str, value: Any, expected: str = "a positive integer") -> int:
+    """``value`` as an int if it is a positive integer (bools refused), else InputError."""
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+        raise InputError(f"{name} must be {expected}, got {value!r}")
+    return int(value)
+
+
+def check_num_frames(
+    cfg: AutoGazeConfig, num_frames: int, tokens_per_frame: int, advice: Optional[str] = None
+) -> None:
+    """Refuses clips (or stream histories) whose positions would pass the decoder's position
+    range; ``advice`` ends the message (default: split the video into clips)."""
     worst = num_frames * (cfg.connector.num_tokens + tokens_per_frame)
     if worst >= cfg.decoder.max_position_embeddings:
+        advice = advice or f"split the video into clips of {cfg.max_num_frames} frames"
         raise InputError(
             f"{num_frames} frames can reach position {worst}, past the decoder's "
-            f"max_position_embeddings ({cfg.decoder.max_position_embeddings}); split the video "
-            f"into clips of {cfg.max_num_frames} frames"
+            f"max_position_embeddings ({cfg.decoder.max_position_embeddings}); {advice}"
         )

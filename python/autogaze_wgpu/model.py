@@ -19,7 +19,13 @@ from .backends import create_backend
 from .config import AutoGazeConfig
 from .errors import InputError, ModelClosedError
 from .hub import resolve_model_dir
-from .inputs import as_pixel_values, check_num_frames, gazing_budget, resolve_gazing_params
+from .inputs import (
+    as_pixel_values,
+    check_num_frames,
+    gazing_budget,
+    positive_int,
+    resolve_gazing_params,
+)
 from .memory import check_call
 from .outputs import (
     GazeOutput,
@@ -276,21 +282,17 @@ class StreamSession:
     Every ``horizon`` frames the backend's stream is reset (its buffers are kept)."""
 
     def __init__(self, model: AutoGaze, batch_size: int, gazing_ratio, task_loss_requirement, horizon="auto"):
-        if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) or batch_size < 1:
-            raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self.batch_size = positive_int("batch_size", batch_size)
         cfg = model.config
         ratios, req = resolve_gazing_params(cfg, gazing_ratio, task_loss_requirement, 1)
         if isinstance(horizon, str) and horizon == "auto":
             horizon = cfg.max_num_frames
-        elif horizon is not None and (
-            not isinstance(horizon, (int, np.integer)) or isinstance(horizon, bool) or horizon < 1
-        ):
-            raise InputError(f"horizon must be a positive integer, 'auto' or None, got {horizon!r}")
+        elif horizon is not None:
+            horizon = positive_int("horizon", horizon, "a positive integer, 'auto' or None")
         self.model = model
-        self.batch_size = int(batch_size)
         self.budget = gazing_budget(ratios[0], cfg.num_vision_tokens_each_frame)
         self.task_loss_requirement = req
-        self.horizon = None if horizon is None else int(horizon)
+        self.horizon = horizon
         if self.horizon is not None:
             check_num_frames(cfg, self.horizon, self.budget)  # a window must fit the positions
         self.frame_index = 0  # frames stepped in this session
@@ -313,14 +315,12 @@ class StreamSession:
             self.reset()
         elif self.horizon is None:
             # Unbounded, as the official code: refuse before positions leave the RoPE range.
-            cfg = self.model.config
-            worst = (self.frames_in_context + 1) * (cfg.connector.num_tokens + self.budget)
-            if worst >= cfg.decoder.max_position_embeddings:
-                raise InputError(
-                    f"frame {self.frames_in_context} of this unbounded stream (horizon=None) can "
-                    f"reach position {worst}, past max_position_embeddings "
-                    f"({cfg.decoder.max_position_embeddings}); give AutoGaze.stream a horizon"
-                )
+            check_num_frames(
+                self.model.config,
+                self.frames_in_context + 1,
+                self.budget,
+                advice="this stream has no horizon (horizon=None): give AutoGaze.stream a horizon",
+            )
         tokens = self._state.step(x, self.budget, self.task_loss_requirement)
         self.frame_index += 1
         self.frames_in_context += 1

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
-from ..inputs import gazing_budget
+from ..inputs import check_num_frames, gazing_budget, positive_int, resolve_gazing_params
 from .baseline import PatchDiff
 from .modes import MODES, ModelGrid, TileLayout, as_uint8_frames, make_layout
 from .result import FrameGaze, VideoResult
@@ -226,8 +226,6 @@ class VideoGazer:
         self.clip_len = _positive_int("clip_len", clip_len, max_frames)
         self.stream_horizon = _positive_int("stream_horizon", stream_horizon, self.clip_len)
         if long_video == "stream" and self.stream_horizon > 0 and model is not None:
-            from ..inputs import check_num_frames
-
             check_num_frames(
                 model.config, self.stream_horizon, model.config.num_vision_tokens_each_frame
             )
@@ -244,8 +242,6 @@ class VideoGazer:
                 ) from None
         if model is not None:
             # Validate once, up front, with the model's own rules.
-            from ..inputs import resolve_gazing_params
-
             probe = (
                 gazing_ratio
                 if gazing_ratio is None or _is_number(gazing_ratio)
@@ -282,8 +278,6 @@ class VideoGazer:
         eff_ratio, eff_req = self.gazing_ratio, self.task_loss_requirement
         model = getattr(self.source, "model", None)
         if model is not None and (eff_ratio is None or _is_number(eff_ratio)):
-            from ..inputs import resolve_gazing_params
-
             rs, eff_req = resolve_gazing_params(model.config, eff_ratio, eff_req, 1)
             eff_ratio = rs[0]
         return {
@@ -315,8 +309,6 @@ class VideoGazer:
         model = getattr(self.source, "model", None)
         V = self.grid.num_tokens
         if model is not None:
-            from ..inputs import resolve_gazing_params
-
             rs, _ = resolve_gazing_params(model.config, ratio, self.task_loss_requirement, 1)
             return gazing_budget(rs[0], V)
         return V if ratio is None else gazing_budget(ratio, V)
@@ -480,11 +472,7 @@ def _is_number(x) -> bool:
 
 
 def _positive_int(name: str, value, default: int) -> int:
-    if value is None:
-        return int(default)
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-        raise InputError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
+    return int(default) if value is None else positive_int(name, value)
 
 
 __all__ = ["LONG_VIDEO", "BaselineSource", "ModelSource", "TileClip", "VideoGazer", "run_video"]
