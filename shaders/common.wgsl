@@ -17,6 +17,10 @@ const S_STEP: u32 = 5u;    // selection steps done in the current frame
 const S_DONE: u32 = 6u;    // 1 once the current frame is finished (decode work no-ops)
 const S_G: u32 = 7u;       // cache index of the current frame's first gaze token
 const S_GSTEP: u32 = 8u;   // selection steps done in the session (debug logits row)
+// Teacher-forced scoring only (score.wgsl), set per forward by the scoring pass:
+const S_SC_SLOT: u32 = 9u;   // first slot scored by this forward's heads (gaze probs)
+const S_SC_START: u32 = 10u; // this frame's slots: [start, end) in the score outputs
+const S_SC_END: u32 = 11u;
 const S_HDR: u32 = 16u;
 // Per batch row, at S_HDR + b * ROW_WORDS.
 const R_FIN: u32 = 0u;     // row finished in the current frame

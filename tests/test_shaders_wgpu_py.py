@@ -819,3 +819,48 @@ def test_select_matches_reference_select_step(gpu, seed, budget, req, b):
         assert out[frame] == n_frame, f"frame {frame}: n_t"
         got_out = out[out_frames:].reshape(b, out_frames, out_stride)[:, frame, :n_frame]
         assert np.array_equal(got_out, torch.cat(toks, 1).numpy()), f"frame {frame}: out tokens"
+
+
+# ---------------------------------------------------------------------------------------------
+# score.wgsl: the teacher-forced gather, against SPEC §5b's indexing in torch
+# ---------------------------------------------------------------------------------------------
+
+S_SC_SLOT, S_SC_START, S_SC_END = 9, 10, 11
+
+
+@pytest.mark.parametrize("b,n,so", [(1, 8, 0), (3, 10, 2), (2, 3, 5)])
+def test_score_matches_the_teacher_forced_indexing(gpu, b, n, so):
+    """A frame of n slots (from slot `so` of the outputs) scored as the engine does: the
+    heads after the vision forward and after each group of K slots, one launch each. The
+    result equals SPEC §5b's gather over the whole sequence's heads (softmax in float64), and
+    slots outside the frame keep their sentinel."""
+    kern = gpu.kernel("score", "main")
+    K, V, P = 4, 9, 5
+    nslots = so + n + 1
+    rng = np.random.default_rng(100 * b + n)
+    L = P + n  # the frame's sequence: P vision tokens then the n slots
+    lm = torch.from_numpy(rng.normal(0, 3, (b, L, K, V)))
+    tl = torch.from_numpy(rng.normal(0, 1, (b, L, K)))
+    tok = rng.integers(0, V, size=(b, nslots)).astype(np.uint32)
+    out = np.full(2 * b * nslots, -7.0, np.float32)
+    gen = np.zeros(S_HDR + b * ROW_WORDS + b * K + b * (K + P), np.uint32)
+    params = kern.pack(batch=b, vocab=V, k=K, nslots=nslots)
+    for f in range(math.ceil(n / K) + 1):
+        row = min(P - 1 + f * K, L - 1)  # last slot of forward f (a partial last group)
+        logits = np.concatenate([lm[:, row].reshape(b, K * V), tl[:, row]], 1).astype(np.float32)
+        gen[S_SC_SLOT], gen[S_SC_START], gen[S_SC_END] = so + f * K, so, so + n
+        bufs = {1: gen, 2: logits, 3: tok, 4: out}
+        out = gpu.run([(kern, (b, 1, 1))], params, bufs, read=(4,))[4]  # Score::record
+
+    i = torch.arange(n)
+    j = i % K
+    k = (j + 1) % K
+    ids = torch.from_numpy(tok[:, so : so + n].astype(np.int64))
+    probs = lm.softmax(-1)[:, P + i - (j + 1), j]  # (b, n, V)
+    want_gp = probs.gather(-1, ids[..., None])[..., 0]
+    want_tl = tl[:, P + i - k, k]
+    got = out.reshape(2, b, nslots)
+    assert_close(f"score gaze_probs b{b} n{n}", got[0, :, so : so + n], want_gp, 1e-6, 1e-5)
+    assert_close(f"score task_loss b{b} n{n}", got[1, :, so : so + n], want_tl, 1e-6, 1e-6)
+    outside = np.r_[0:so, so + n : nslots]
+    assert (got[:, :, outside] == -7.0).all(), "slots outside the frame were written"

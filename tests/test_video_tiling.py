@@ -66,9 +66,6 @@ def test_tiled_448_equals_tile_batch_and_official_g1(backend):
     # Confidence = the official teacher-forced probabilities of the real slots.
     conf = res.fixations["confidence"]
     want = d["tf_gaze_probs"][~d["if_padded_gazing"]]
-    if not getattr(model.backend, "supports_score", True):
-        assert res.confidence_kind == "none" and np.isnan(conf).all()
-        return
     assert res.confidence_kind == "teacher_forced"
     np.testing.assert_allclose(conf, want, atol=2e-4)
 

@@ -162,6 +162,8 @@ def check_input_copy(shape: tuple[int, ...], copy: bool, device: Any = None) -> 
 
 def check_call(backend, cfg: AutoGazeConfig, shape, budgets=None, kind: str = "generate") -> None:
     """Refuses a call whose buffers cannot fit where ``backend`` allocates them."""
+    if kind == "score" and getattr(backend, "name", None) == "wgpu":
+        kind = "generate"  # wgpu scores forward by forward: a frame's block at most, as generate
     parts = estimate_call_bytes(cfg, shape, budgets, kind)
     device = getattr(backend, "device", None)
     what = f"{kind} on {tuple(int(v) for v in shape)}" + (

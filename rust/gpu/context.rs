@@ -59,6 +59,9 @@ impl std::fmt::Debug for GpuContext {
     }
 }
 
+/// How long a readback's map callback may lag the poll that completed its work.
+const READBACK_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic while holding this lock cannot leave `Health` inconsistent: recover the guard.
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -230,14 +233,28 @@ impl GpuContext {
         if bytes == 0 {
             return Ok(Vec::new());
         }
-        let slot: Arc<Mutex<Option<std::result::Result<(), wgpu::BufferAsyncError>>>> =
-            Arc::new(Mutex::new(None));
-        let s2 = slot.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
         staging.map_async(wgpu::MapMode::Read, 0..bytes, move |r| {
-            *lock(&s2) = Some(r);
+            // The receiver is gone only if this call already returned an error.
+            let _ = tx.send(r);
         });
         self.wait()?;
-        let res = lock(&slot).take();
+        // Another thread polling the same device (two models on one GPU, parallel tests)
+        // may have collected this callback and be about to run it when our poll returns,
+        // so it can arrive a little after `wait`: give it time before calling it lost.
+        let deadline = std::time::Instant::now() + READBACK_GRACE;
+        let res = loop {
+            match rx.recv_timeout(std::time::Duration::from_millis(5)) {
+                Ok(r) => break Some(r),
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break None,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    if std::time::Instant::now() >= deadline {
+                        break None;
+                    }
+                    self.wait()?;
+                }
+            }
+        };
         match res {
             Some(Ok(())) => {}
             Some(Err(e)) => {

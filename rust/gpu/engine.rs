@@ -31,6 +31,7 @@ use super::ops::attention::{Attention, AttnParams};
 use super::ops::layernorm::{LayerNorm, LnShape};
 use super::ops::matmul::{ALoad, Epi, Extra, Matmul, MatmulParams, MatmulSpec, Tile};
 use super::ops::resize::Bicubic;
+use super::ops::score::{Score, ScoreParams};
 use super::ops::select::{Select, SelectParams, layout};
 use super::rope;
 
@@ -395,6 +396,7 @@ struct Ops {
     pre: PhaseOps,
     step: PhaseOps,
     select: Select,
+    score: Score,
 }
 
 /// Capacities a workspace is allocated for.
@@ -413,6 +415,8 @@ struct WsSpec {
     out_frames: usize,
     /// Decode steps the debug buffer holds (0: none).
     debug_steps: usize,
+    /// Slots per row the teacher-forced score buffers hold (0: none).
+    score_slots: usize,
 }
 
 impl WsSpec {
@@ -424,6 +428,7 @@ impl WsSpec {
             && self.cap >= need.cap
             && self.out_frames >= need.out_frames
             && self.debug_steps >= need.debug_steps
+            && self.score_slots >= need.score_slots
     }
 }
 
@@ -460,6 +465,11 @@ struct Res {
     bg_conv: wgpu::BindGroup,
     bg_outp: wgpu::BindGroup,
     bg_select: wgpu::BindGroup,
+    /// Teacher-forced scoring: the given ids [B, score_slots] and the outputs
+    /// [2, B, score_slots] (gaze_probs | task_loss_prediction).
+    score_tok: wgpu::Buffer,
+    score_out: wgpu::Buffer,
+    bg_score: wgpu::BindGroup,
     pre: PhaseBgs,
     step: PhaseBgs,
     // Kept alive for the bind groups.
@@ -539,6 +549,12 @@ impl Workspace {
         let bg_select = ops
             .select
             .bind(ctx, &arena, &state, &logits, &kvmask, &out, &debug)?;
+        let score_words = (b * spec.score_slots).max(1) as u64;
+        let score_tok = ctx.storage("score ids", score_words * f)?;
+        let score_out = ctx.storage("scores", 2 * score_words * f)?;
+        let bg_score = ops
+            .score
+            .bind(ctx, &arena, &state, &logits, &score_tok, &score_out)?;
         let phase = |po: &PhaseOps| -> Result<PhaseBgs> {
             let mut pb = PhaseBgs {
                 qkv: Vec::new(),
@@ -607,6 +623,9 @@ impl Workspace {
                 bg_conv,
                 bg_outp,
                 bg_select,
+                score_tok,
+                score_out,
+                bg_score,
                 pre,
                 step,
                 _keep: keep,
@@ -728,6 +747,7 @@ impl Engine {
             pre: PhaseOps::new(&ctx, Tile::Large, dims.hd, 64, 1)?,
             step: PhaseOps::new(&ctx, Tile::Gemv, dims.hd, 16, 4)?,
             select: Select::new(&ctx)?,
+            score: Score::new(&ctx)?,
         };
         Ok(Engine {
             inner: Arc::new(Inner {
@@ -1133,6 +1153,7 @@ impl Engine {
             cap: CAP_SLACK,
             out_frames: 1,
             debug_steps: 0,
+            score_slots: 0,
         };
         let mut guard = i.cached.lock().unwrap_or_else(|e| e.into_inner());
         let wsp = self.ensure(&mut guard, need)?;
@@ -1201,6 +1222,205 @@ impl Engine {
         Ok((r.out, r.debug_logits.unwrap_or_default(), r.stats))
     }
 
+    /// Teacher-forced scores of given gazes (SPEC §5b): the official `forward` over
+    /// [vision_0, slots_0, vision_1, slots_1, ...] with the key mask 0 at pads and true
+    /// positions cumsum(mask) - 1.
+    ///
+    /// `frame_lens[t]`: slots of frame t (shared by the batch); `tokens` [B, N] ids within
+    /// their frame (pad = 265), frames concatenated (N = sum of `frame_lens`). Returns
+    /// (gaze_probs, task_loss_prediction), each [B, N].
+    ///
+    /// The pass is causal, so it runs as the generation loop does, forward by forward against
+    /// the KV cache: per frame a vision forward, then one forward per group of K slots (the
+    /// last one right-aligned in the K token slots), each followed by the heads at its last
+    /// slot and `score.wgsl`, which takes the probabilities and task losses that row gives.
+    /// Everything is known in advance, so each forward's plan (cache base, positions, ids) is
+    /// copied into the `gen` buffer from a per-frame table instead of being planned by
+    /// `select.wgsl`. One submit per frame, one readback.
+    pub fn score(
+        &self,
+        pixel_values: &[f32],
+        shape: &[usize],
+        frame_lens: &[usize],
+        tokens: &[u32],
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let (b, t, h, w) = check_pixels(pixel_values, shape)?;
+        let i = &self.inner;
+        let d = &i.dims;
+        if frame_lens.len() != t {
+            return Err(Error::Input(format!(
+                "score needs the slot count of each of the {t} frames, got {}",
+                frame_lens.len()
+            )));
+        }
+        if let Some((f, n)) = frame_lens.iter().enumerate().find(|(_, n)| **n > d.nv) {
+            return Err(Error::Input(format!(
+                "frame {f} has {n} slots; a frame has at most {}",
+                d.nv
+            )));
+        }
+        let n_all: usize = frame_lens.iter().sum();
+        if tokens.len() != b * n_all {
+            return Err(Error::Input(format!(
+                "score needs {b} x {n_all} slot ids, got {}",
+                tokens.len()
+            )));
+        }
+        if let Some(j) = tokens.iter().position(|&x| x as usize > d.pad) {
+            return Err(Error::Input(format!(
+                "slot id {} (row {}, slot {}) is outside 0..={}",
+                tokens[j],
+                j / n_all,
+                j % n_all,
+                d.pad
+            )));
+        }
+        if n_all == 0 {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let (k, p, pad) = (d.k, d.p, d.pad as u32);
+        let ntp = d.nt_pre();
+        let seq = t * p + n_all;
+        let tc = self.chunk_frames(b, t, h, w)?;
+        let need = WsSpec {
+            batch: b,
+            frames: tc,
+            ring: tc + 2,
+            in_hw: (h, w),
+            cap: seq + CAP_SLACK,
+            out_frames: t,
+            debug_steps: 0,
+            score_slots: n_all,
+        };
+        let mut guard = i.cached.lock().unwrap_or_else(|e| e.into_inner());
+        let wsp = self.ensure(&mut guard, need)?;
+        let (arena, ws) = (&mut wsp.arena, &wsp.r);
+        // Key mask (row stride: the workspace's capacity) and true positions, per row.
+        let cap = ws.spec.cap;
+        let mut kvmask = vec![0u32; b * cap];
+        let mut pos = vec![0u32; b * seq];
+        for r in 0..b {
+            let (mut c, mut s, mut run) = (0usize, 0usize, 0u32);
+            for &n in frame_lens {
+                for _ in 0..p {
+                    kvmask[r * cap + c] = 1;
+                    pos[r * seq + c] = run;
+                    run += 1;
+                    c += 1;
+                }
+                for _ in 0..n {
+                    let m = u32::from(tokens[r * n_all + s] != pad);
+                    kvmask[r * cap + c] = m;
+                    run += m;
+                    pos[r * seq + c] = run - 1;
+                    c += 1;
+                    s += 1;
+                }
+            }
+        }
+        arena.clear();
+        i.ctx.write(&ws.state, 0, &layout::initial(b, k, p, pad));
+        i.ctx.write(&ws.kvmask, 0, &kvmask);
+        i.ctx.write(&ws.score_tok, 0, tokens);
+
+        // One plan image per forward of a frame: the header words, then plan_tok/plan_pos.
+        let plan_at = layout::plan_tok_base(b);
+        let plan_words = b * k + b * ntp;
+        let img_words = layout::S_HDR + plan_words;
+        let max_fwd = 1 + d.nv.div_ceil(k);
+        let plans = i
+            .ctx
+            .storage("score plans", (max_fwd * img_words * 4) as u64)?;
+        let out_bytes = (2 * b * n_all * 4) as u64;
+        let staging = i.ctx.staging("scores readback", out_bytes)?;
+        let sp = ScoreParams {
+            batch: b as u32,
+            vocab: d.vocab as u32,
+            k: k as u32,
+            nslots: n_all as u32,
+        };
+        let mut off = 0usize; // cache index of the frame's first vision token
+        let mut so = 0usize; // the frame's first slot
+        let mut t0 = 0;
+        while t0 < t {
+            let nc = tc.min(t - t0);
+            self.upload_frames(ws, pixel_values, (b, t, h, w), t0, nc);
+            for j in 0..nc {
+                let mut rec = Recorder::resume(&i.ctx, &mut *arena);
+                if j == 0 {
+                    // The chunk's vision work goes with its first frame.
+                    if t0 == 0 {
+                        rec.encoder().clear_buffer(&ws.lnw, 0, None);
+                    }
+                    self.record_vision(&mut rec, ws, b, nc, t0, (h, w))?;
+                }
+                let n = frame_lens[t0 + j];
+                let groups = n.div_ceil(k);
+                let mut img = vec![0u32; (1 + groups) * img_words];
+                for f in 0..=groups {
+                    let im = &mut img[f * img_words..(f + 1) * img_words];
+                    // Forward 0: the vision tokens (token slots idle); forward g + 1: slots
+                    // gK.. of the frame, right-aligned.
+                    let (first, base) = if f == 0 {
+                        (k, off as i64 - k as i64)
+                    } else {
+                        let first = k - k.min(n - (f - 1) * k);
+                        (first, (off + p + (f - 1) * k) as i64 - first as i64)
+                    };
+                    im[layout::S_BASE] = base as i32 as u32;
+                    im[layout::S_FIRST] = first as u32;
+                    im[layout::S_DONE] = 0;
+                    im[layout::S_SC_SLOT] = (so + f * k) as u32;
+                    im[layout::S_SC_START] = so as u32;
+                    im[layout::S_SC_END] = (so + n) as u32;
+                    let (ptok, ppos) = im[layout::S_HDR..].split_at_mut(b * k);
+                    let nt = if f == 0 { ntp } else { k };
+                    for r in 0..b {
+                        for sl in 0..k {
+                            ptok[r * k + sl] = pad;
+                        }
+                        for sl in first..nt {
+                            let c = (base + sl as i64) as usize;
+                            ppos[r * ntp + sl] = pos[r * seq + c];
+                            if f > 0 {
+                                ptok[r * k + sl] =
+                                    tokens[r * n_all + so + (f - 1) * k + sl - first];
+                            }
+                        }
+                    }
+                }
+                i.ctx.write(&plans, 0, &img);
+                let l_upper = off + p + n;
+                let hb = (layout::S_HDR * 4) as u64;
+                for f in 0..=groups {
+                    let at = (f * img_words * 4) as u64;
+                    let enc = rec.encoder();
+                    enc.copy_buffer_to_buffer(&plans, at, &ws.state, 0, hb);
+                    enc.copy_buffer_to_buffer(
+                        &plans,
+                        at + hb,
+                        &ws.state,
+                        (plan_at * 4) as u64,
+                        (plan_words * 4) as u64,
+                    );
+                    self.record_forward(&mut rec, ws, b, f == 0, nc, j, l_upper)?;
+                    i.ops.score.record(&mut rec, &ws.bg_score, &sp)?;
+                }
+                off += p + n;
+                so += n;
+                if t0 + j + 1 == t {
+                    rec.encoder()
+                        .copy_buffer_to_buffer(&ws.score_out, 0, &staging, 0, out_bytes);
+                }
+                rec.submit(&i.ctx)?;
+            }
+            t0 += nc;
+        }
+        let got: Vec<f32> = bytemuck::pod_collect_to_vec(&i.ctx.read_staging(&staging, out_bytes)?);
+        let (gp, tl) = got.split_at(b * n_all);
+        Ok((gp.to_vec(), tl.to_vec()))
+    }
+
     fn generate_impl(
         &self,
         pixel_values: &[f32],
@@ -1238,6 +1458,7 @@ impl Engine {
             cap,
             out_frames: t,
             debug_steps: if debug { max_steps } else { 0 },
+            score_slots: 0,
         };
         let mut guard = i.cached.lock().unwrap_or_else(|e| e.into_inner());
         let wsp = self.ensure(&mut guard, need)?;
@@ -1453,6 +1674,7 @@ impl Engine {
             cap,
             out_frames: 1,
             debug_steps: 0,
+            score_slots: 0,
         };
         let ws = Workspace::new(&i.ctx, &i.ops, d, &i.wts, &i.inv_freq, spec)?;
         let mut s = Session {

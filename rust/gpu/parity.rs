@@ -339,6 +339,58 @@ fn parity_generate_e_batch() {
     check_tokens("e", &out, &c);
 }
 
+/// Teacher-forced scores (SPEC §5b) of the official gazes of `name`, against its
+/// `tf_gaze_probs` / `tf_task_loss_prediction` at the SPEC tolerances.
+fn check_scores(name: &str, px: &[f32], shape: &[usize]) {
+    let c = load_case(name);
+    let (pshape, pos) = &c.i64s["gazing_pos"];
+    let (_, counts) = &c.i64s["num_gazing_each_frame"];
+    let lens: Vec<usize> = counts.iter().map(|v| *v as usize).collect();
+    let (b, n) = (pshape[0], pshape[1]);
+    // gazing_pos holds token + 265 t (pads 265 (t + 1)): back to ids within the frame.
+    let mut tokens = Vec::with_capacity(b * n);
+    for r in 0..b {
+        let mut s = 0;
+        for (t, &len) in lens.iter().enumerate() {
+            for _ in 0..len {
+                tokens.push((pos[r * n + s] - 265 * t as i64) as u32);
+                s += 1;
+            }
+        }
+    }
+    let (gp, tl) = engine()
+        .score(px, shape, &lens, &tokens)
+        .unwrap_or_else(|e| panic!("score {name}: {e}"));
+    let (dp, ip) = max_diff(&gp, &c.f32s["tf_gaze_probs"].1);
+    let (dl, il) = max_diff(&tl, &c.f32s["tf_task_loss_prediction"].1);
+    eprintln!(
+        "case {name} scores: gaze_probs max abs diff {dp:.3e} (index {ip}), task loss {dl:.3e} (index {il})"
+    );
+    assert!(
+        dp <= 2e-4,
+        "case {name} tf_gaze_probs: index {ip}: diff {dp}"
+    );
+    assert!(
+        dl <= 5e-5,
+        "case {name} tf_task_loss_prediction: index {il}: diff {dl}"
+    );
+}
+
+/// Scores of case a (16 frames) and of the batch case e, and of case a again with the vision
+/// in chunks of 5 frames (several submits).
+#[test]
+fn parity_score_a_and_e() {
+    let (px, shape) = case_a_pixels();
+    check_scores("a", &px, &shape);
+    engine().set_max_chunk_frames(5);
+    check_scores("a", &px, &shape);
+    engine().set_max_chunk_frames(0);
+    let c = load_case("e");
+    let (rshape, raw) = &c.u8s["raw_frames"];
+    let (px, shape) = pixels_from_raw(raw, rshape);
+    check_scores("e", &px, &shape);
+}
+
 #[test]
 fn parity_generate_g1_tiles() {
     let c = load_case("g1");

@@ -30,6 +30,7 @@ pub fn shader_source(name: &str) -> Option<&'static str> {
         "layernorm" => include_str!("../../shaders/layernorm.wgsl"),
         "attention" => include_str!("../../shaders/attention.wgsl"),
         "select" => include_str!("../../shaders/select.wgsl"),
+        "score" => include_str!("../../shaders/score.wgsl"),
         "probe" => include_str!("../../shaders/probe.wgsl"),
         _ => return None,
     })

@@ -1,4 +1,4 @@
-//! The wgpu engine: `WgpuEngine` (embed, generate) and `WgpuSession` (streaming).
+//! The wgpu engine: `WgpuEngine` (embed, generate, score) and `WgpuSession` (streaming).
 //!
 //! Inputs are validated by the Python facade (`autogaze_wgpu.inputs`) and checked again here
 //! for shape; all GPU work runs with the GIL released (`py.detach`).
@@ -121,7 +121,7 @@ impl WgpuEngine {
         };
         let out = py.detach(|| self.engine.generate(data, &shape, &params))?;
         let b = out.batch;
-        let n = if b == 0 { 0 } else { out.gazing_pos.len() / b };
+        let n = out.gazing_pos.len().checked_div(b).unwrap_or(0);
         let num: Vec<i64> = out
             .num_gazing_each_frame
             .iter()
@@ -135,6 +135,42 @@ impl WgpuEngine {
                 .reshape(vec![b, n])?
                 .into_any(),
             PyArray1::from_vec(py, num).into_any(),
+        ))
+    }
+
+    /// The teacher-forced scores of given gazes (SPEC §5b). ``tokens`` int64 (B, N): ids
+    /// within their frame (pad 265), the frames' slots concatenated, ``frame_lens[t]`` of
+    /// them for frame t. Returns ``(gaze_probs, task_loss_prediction)``, float32 (B, N).
+    fn score<'py>(
+        &self,
+        py: Python<'py>,
+        pixel_values: PyReadonlyArrayDyn<'py, f32>,
+        frame_lens: Vec<usize>,
+        tokens: PyReadonlyArrayDyn<'py, i64>,
+    ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
+        let shape = pixel_values.shape().to_vec();
+        let data = contiguous_f32(&pixel_values, "pixel_values")?;
+        let tshape = tokens.shape().to_vec();
+        if tshape.len() != 2 || tshape[0] != shape.first().copied().unwrap_or(0) {
+            return Err(Error::Input(format!(
+                "tokens must have shape (B, N) with the batch of pixel_values, got {tshape:?}"
+            ))
+            .into());
+        }
+        let ids = tokens
+            .as_slice()
+            .map_err(|_| Error::Input("tokens must be a C-contiguous int64 array".into()))?
+            .iter()
+            .map(|&v| {
+                u32::try_from(v)
+                    .map_err(|_| Error::Input(format!("slot id {v} is not a gaze target id")))
+            })
+            .collect::<Result<Vec<u32>, Error>>()?;
+        let (gp, tl) = py.detach(|| self.engine.score(data, &shape, &frame_lens, &ids))?;
+        let dims = vec![tshape[0], tshape[1]];
+        Ok((
+            PyArray1::from_vec(py, gp).reshape(dims.clone())?.into_any(),
+            PyArray1::from_vec(py, tl).reshape(dims)?.into_any(),
         ))
     }
 

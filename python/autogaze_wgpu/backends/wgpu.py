@@ -1,7 +1,8 @@
 """``backend="wgpu"``: the whole model in WGSL compute shaders through the Rust ``wgpu`` crate.
 
 The engine (``rust/gpu/``) keeps the generation loop on the GPU: a submit per frame and one
-readback per clip, one per frame when streaming. Float32 throughout. This file only adapts the
+readback per clip, one per frame when streaming; ``score`` (the teacher-forced pass) runs
+there too. Float32 throughout. This file only adapts the
 facade's calls to the native ``WgpuEngine`` / ``WgpuSession``.
 """
 
@@ -42,7 +43,6 @@ def _host_f32(video) -> np.ndarray:
 
 class WgpuBackend:
     name = "wgpu"
-    supports_score = False  # the teacher-forced pass is not built on the GPU yet
 
     def __init__(self, config, model_dir: str):
         self.config = config
@@ -63,10 +63,11 @@ class WgpuBackend:
         pos, padded, num = self.engine.generate(_host_f32(video), ratios, task_loss_requirement)
         return split_frame_tokens(pos, padded, num, self.config)
 
-    def score(self, video, frame_tokens):
-        raise InputError(
-            "score() is not implemented on the wgpu backend yet; use backend='reference' or 'torch'"
-        )
+    def score(self, video, frame_tokens: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """gaze_probs, task_loss_prediction (B, N) float32: the teacher-forced pass on the GPU."""
+        lens = [int(t.shape[1]) for t in frame_tokens]
+        tokens = np.ascontiguousarray(np.concatenate(frame_tokens, axis=1), dtype=np.int64)
+        return self.engine.score(_host_f32(video), lens, tokens)
 
     def new_stream(self, batch_size: int, max_frames: Optional[int] = None) -> "WgpuStream":
         return WgpuStream(self, batch_size, max_frames)

@@ -89,8 +89,8 @@ class ModelSource:
         self.model = model
         self.grid = ModelGrid.from_config(model.config)
         self.name = f"autogaze:{model.backend_name}"
-        # Confidence comes from the backend's teacher-forced score(); without one it is NaN.
-        self.want_confidence = bool(confidence) and getattr(model.backend, "supports_score", True)
+        # Confidence comes from the backend's teacher-forced score().
+        self.want_confidence = bool(confidence)
         if model.model_dir is not None:
             self.processor = AutoGazeProcessor.from_pretrained(model.model_dir)
         else:  # a model built in memory: the released preprocessor settings

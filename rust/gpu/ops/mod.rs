@@ -10,6 +10,7 @@ pub mod attention;
 pub mod layernorm;
 pub mod matmul;
 pub mod resize;
+pub mod score;
 pub mod select;
 
 #[cfg(test)]

@@ -20,6 +20,9 @@ pub mod layout {
     pub const S_DONE: usize = 6;
     pub const S_G: usize = 7;
     pub const S_GSTEP: usize = 8;
+    pub const S_SC_SLOT: usize = 9;
+    pub const S_SC_START: usize = 10;
+    pub const S_SC_END: usize = 11;
     pub const S_HDR: usize = 16;
     pub const R_FIN: usize = 0;
     pub const R_P: usize = 1;
