@@ -68,3 +68,60 @@ def test_bad_frames(proc, bad, words):
     with pytest.raises(ag.InputError) as e:
         proc(bad)
     assert words in str(e.value)
+
+
+# --- raw frames: the processor on the backend's device (wgpu: on the GPU) --------------------
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (2, 60, 100, 3),  # enlarge both axes
+        (3, 300, 500, 3),  # shrink both (antialiased)
+        (2, 123, 224, 3),  # the short side kept: only the long side resampled
+        (2, 224, 398, 3),  # already the processor's size: no resize, normalisation only
+        (1, 5, 7, 3),  # 105 bytes per frame: frames not on word boundaries
+    ],
+)
+def test_raw_frames_embed_exactly_as_processed_ones(proc, backend, shape):
+    """The GPU preprocessing is bit-exact with the processor (PIL): same vision embeddings,
+    to the bit, as the processor's pixel values."""
+    from conftest import load_model
+
+    model = load_model(backend)
+    frames = np.random.default_rng(sum(shape)).integers(0, 256, size=shape, dtype=np.uint8)
+    raw = proc.raw(frames)
+    assert raw.shape == proc(frames).shape
+    np.testing.assert_array_equal(model.embed(raw), model.embed(proc(frames)))
+
+
+def test_raw_frames_generate_score_and_stream(proc, backend):
+    from conftest import load_model
+
+    model = load_model(backend)
+    frames = np.random.default_rng(7).integers(0, 256, size=(3, 90, 150, 3), dtype=np.uint8)
+    pv = proc(frames)
+    out = model.generate(proc.raw(frames))
+    want = model.generate(pv)
+    np.testing.assert_array_equal(out.gazing_pos, want.gazing_pos)
+    np.testing.assert_array_equal(out.if_padded_gazing, want.if_padded_gazing)
+    s, s_want = model.score(proc.raw(frames), want), model.score(pv, want)
+    np.testing.assert_array_equal(s.gaze_probs, s_want.gaze_probs)
+    session = model.stream()
+    steps = [session.step(proc.raw(frames[t : t + 1])) for t in range(3)]
+    got = np.concatenate([o.gazing_pos + 265 * t for t, o in enumerate(steps)], 1)
+    np.testing.assert_array_equal(got, want.gazing_pos)
+
+
+def test_raw_frames_stream_refuses_a_change_of_input_kind(proc, backend):
+    from conftest import load_model
+
+    model = load_model(backend)
+    frames = np.random.default_rng(8).integers(0, 256, size=(2, 64, 64, 3), dtype=np.uint8)
+    session = model.stream()
+    session.step(proc.raw(frames[:1]))
+    if backend == "wgpu":  # its session was built for uint8 frames of this size
+        with pytest.raises(ag.InputError, match="uint8 frames"):
+            session.step(proc(frames[1:]))
+    else:  # the host path: raw frames are pixel values by the time the backend sees them
+        session.step(proc(frames[1:]))

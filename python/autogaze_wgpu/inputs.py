@@ -17,8 +17,14 @@ def as_pixel_values(pixel_values: Any) -> Any:
     """Checks model input: float (B, T, 3, H, W) or (T, 3, H, W), finite, non-empty.
 
     Returns a (B, T, 3, H, W) float32 numpy array, or a float32 torch tensor that stays on its
-    device (so CUDA input is not copied to the host).
+    device (so CUDA input is not copied to the host). A :class:`~autogaze_wgpu.processor.RawFrames`
+    (validated when made) passes through: the facade hands it to a backend that preprocesses
+    itself, or turns it into pixel values.
     """
+    from .processor import RawFrames
+
+    if isinstance(pixel_values, RawFrames):
+        return pixel_values
     is_torch = hasattr(pixel_values, "detach") and hasattr(pixel_values, "dtype") and not isinstance(
         pixel_values, np.ndarray
     )

@@ -27,6 +27,7 @@ from .inputs import (
     resolve_gazing_params,
 )
 from .memory import check_call
+from .processor import RawFrames
 from .outputs import (
     GazeOutput,
     ScoreOutput,
@@ -147,6 +148,13 @@ class AutoGaze:
         (CUDA results stay on the GPU), else the CPU."""
         return getattr(self.backend, "device", None)
 
+    def _backend_input(self, video):
+        """RawFrames stay raw for a backend that preprocesses on its device (wgpu); any other
+        backend gets the processor's pixel values."""
+        if isinstance(video, RawFrames) and not getattr(self.backend, "takes_raw_frames", False):
+            return video.pixel_values()
+        return video
+
     def _convert(self, out, return_tensors: str):
         return convert_output(out, return_tensors, self.tensor_device)
 
@@ -168,7 +176,9 @@ class AutoGaze:
         """Greedy gaze generation, exactly as the official model (SPEC §5).
 
         pixel_values: float (B, T, 3, H, W) or (T, 3, H, W), numpy or torch, e.g. from
-            :class:`AutoGazeProcessor`. Frames are resized to 224x224 (bicubic) inside.
+            :class:`AutoGazeProcessor`, or ``processor.raw(frames)`` (uint8 frames that the
+            wgpu backend preprocesses on the GPU, bit-exact; other backends on the host).
+            Frames are resized to 224x224 (bicubic) inside.
         gazing_ratio: fraction of the 265 tokens each frame may gaze at (per-frame list
             allowed); task_loss_requirement: stop a frame once the predicted reconstruction
             loss is at most this. Both None: the config's defaults (0.75 and 0.7 in the release).
@@ -186,10 +196,12 @@ class AutoGaze:
         if (target_scales is None) != (target_patch_size is None):
             raise InputError("target_scales and target_patch_size must be given together")
         if target_scales is not None:
+            if isinstance(video, RawFrames):
+                video = video.pixel_values()
             tiles, info = input_res_adapt(_to_numpy(video), target_scales, target_patch_size, self.config)
             tile_out = self._generate_tokens(tiles, ratios, req)
             return self._convert(recover_output_from_res_adapt(tile_out, info, B), return_tensors)
-        return self._convert(self._generate_tokens(video, ratios, req), return_tensors)
+        return self._convert(self._generate_tokens(self._backend_input(video), ratios, req), return_tensors)
 
     def _generate_tokens(self, video, ratios: list[float], req: Optional[float]) -> GazeOutput:
         T = video.shape[1]
@@ -213,7 +225,7 @@ class AutoGaze:
         check_return_tensors(return_tensors)
         video = as_pixel_values(pixel_values)
         check_call(self.backend, self.config, video.shape, None, "embed")
-        return self._convert(self.backend.embed(video), return_tensors)
+        return self._convert(self.backend.embed(self._backend_input(video)), return_tensors)
 
     def score(self, pixel_values: Any, gazes: GazeOutput, return_tensors: str = "np") -> ScoreOutput:
         """The official teacher-forced ``forward`` on given gazes (SPEC §5b); ``gazes`` may
@@ -225,7 +237,7 @@ class AutoGaze:
             raise InputError("score() takes tile-level outputs: pass `out.tiles` and the tiles")
         frame_tokens = _frame_tokens_from_output(gazes, self.config, video.shape[0], video.shape[1])
         check_call(self.backend, self.config, video.shape, [t.shape[1] for t in frame_tokens], "score")
-        gp, tl = self.backend.score(video, frame_tokens)
+        gp, tl = self.backend.score(self._backend_input(video), frame_tokens)
         return self._convert(ScoreOutput(gaze_probs=gp, task_loss_prediction=tl), return_tensors)
 
     def stream(
@@ -304,7 +316,8 @@ class StreamSession:
         ``return_tensors`` as in :meth:`AutoGaze.generate`."""
         check_return_tensors(return_tensors)
         x = as_pixel_values(frame_pixel_values)
-        if x.shape[1] != 1 and x.shape[0] == 1 and self.batch_size == x.shape[1]:
+        raw = isinstance(x, RawFrames)
+        if not raw and x.shape[1] != 1 and x.shape[0] == 1 and self.batch_size == x.shape[1]:
             x = x.reshape(x.shape[1], 1, *x.shape[2:])  # (B, 3, H, W) read as (1, B, ...)
         if x.shape[0] != self.batch_size or x.shape[1] != 1:
             raise InputError(
@@ -321,7 +334,7 @@ class StreamSession:
                 self.budget,
                 advice="this stream has no horizon (horizon=None): give AutoGaze.stream a horizon",
             )
-        tokens = self._state.step(x, self.budget, self.task_loss_requirement)
+        tokens = self._state.step(self.model._backend_input(x), self.budget, self.task_loss_requirement)
         self.frame_index += 1
         self.frames_in_context += 1
         return self.model._convert(assemble_output([tokens], self.model.config), return_tensors)

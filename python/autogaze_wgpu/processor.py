@@ -91,6 +91,13 @@ class AutoGazeProcessor:
             return height, width
         return get_resize_output_image_size(height, width, self.config.size)
 
+    def raw(self, frames: Any) -> "RawFrames":
+        """The frames unprocessed, for a model call that takes ``pixel_values``: the wgpu
+        backend resizes and normalises them on the GPU (bit-exact with this processor; the
+        upload is the uint8 bytes), other backends run this processor on the host.
+        frames: as for ``__call__``."""
+        return RawFrames(as_uint8_video(frames), self)
+
     def __call__(self, frames: Any, return_tensors: Optional[str] = "np"):
         """uint8 RGB(A) frames (T, H, W, C) or (B, T, H, W, C) -> float32 (B, T, 3, H', W')."""
         video = as_uint8_video(frames)
@@ -130,6 +137,37 @@ class AutoGazeProcessor:
         if c.do_normalize:
             x = (x - np.float32(c.image_mean)) / np.float32(c.image_std)
         return np.ascontiguousarray(np.moveaxis(x, -1, -3))
+
+
+class RawFrames:
+    """uint8 frames (B, T, H, W, 3) and the processor that turns them into pixel values.
+
+    Made by :meth:`AutoGazeProcessor.raw`; ``AutoGaze.generate``/``embed``/``score`` and
+    ``StreamSession.step`` accept it wherever they take ``pixel_values``. ``shape`` is the
+    pixel values' shape (B, T, 3, H', W').
+    """
+
+    def __init__(self, frames: np.ndarray, processor: AutoGazeProcessor):
+        self.frames = frames
+        self.processor = processor
+        self._pixel_values: Optional[np.ndarray] = None
+
+    @property
+    def shape(self) -> tuple[int, int, int, int, int]:
+        B, T, H, W, _ = self.frames.shape
+        return (B, T, 3, *self.processor.output_size(H, W))
+
+    def pixel_values(self) -> np.ndarray:
+        """The processor's float32 (B, T, 3, H', W') on the host (computed once)."""
+        if self._pixel_values is None:
+            self._pixel_values = self.processor(self.frames)
+        return self._pixel_values
+
+    def normalization_table(self) -> np.ndarray:
+        """float32 (3, 256): the processor's value of each uint8 level per channel, from the
+        processor's own float steps (so a table lookup is bit-exact with them)."""
+        levels = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)
+        return np.ascontiguousarray(self.processor.normalize(levels[None, None, None])[0, 0, :, 0, :])
 
 
 def as_uint8_video(frames: Any, batched: bool = True) -> np.ndarray:

@@ -30,6 +30,7 @@ use super::context::GpuContext;
 use super::ops::attention::{Attention, AttnParams};
 use super::ops::layernorm::{LayerNorm, LnShape};
 use super::ops::matmul::{ALoad, Epi, Extra, Matmul, MatmulParams, MatmulSpec, Tile};
+use super::ops::pil_resize::{Axis, Dst, PilResize, Src, frame_words, pil_coeffs};
 use super::ops::resize::Bicubic;
 use super::ops::score::{Score, ScoreParams};
 use super::ops::select::{Select, SelectParams, layout};
@@ -407,8 +408,10 @@ struct WsSpec {
     frames: usize,
     /// Frames in the LayerNorm ring (frames + 2, or 3 for streaming).
     ring: usize,
-    /// Input frame size (h, w); (img, img) needs no resize buffer.
+    /// Input frame size (h, w) (pixel values); (img, img) needs no resize buffer.
     in_hw: (usize, usize),
+    /// uint8 source size when the processor's resize runs on the GPU.
+    src_hw: Option<(usize, usize)>,
     /// KV-cache capacity per row.
     cap: usize,
     /// Frames the `out` buffer holds.
@@ -425,6 +428,7 @@ impl WsSpec {
             && self.frames >= need.frames
             && self.ring >= need.ring
             && self.in_hw == need.in_hw
+            && self.src_hw == need.src_hw
             && self.cap >= need.cap
             && self.out_frames >= need.out_frames
             && self.debug_steps >= need.debug_steps
@@ -448,8 +452,104 @@ struct Workspace {
     r: Res,
 }
 
+/// One pass of the GPU preprocessing (uint8 frames -> pixel values).
+struct PrePass {
+    op: PilResize,
+    bg: wgpu::BindGroup,
+    inp: (usize, usize),
+    out: (usize, usize),
+    taps: usize,
+}
+
+/// Buffers of the GPU preprocessing: the packed uint8 frames, the normalisation table and
+/// the passes (x then y, an axis of equal size skipped; at least one pass, which also
+/// normalises).
+struct PreRes {
+    raw: wgpu::Buffer,
+    lut: wgpu::Buffer,
+    passes: Vec<PrePass>,
+    _keep: Vec<wgpu::Buffer>,
+}
+
+impl PreRes {
+    fn new(
+        ctx: &GpuContext,
+        arena: &ParamArena,
+        frames: usize,
+        src: (usize, usize),
+        out: (usize, usize),
+        dst: &wgpu::Buffer,
+    ) -> Result<Self> {
+        let raw = ctx.storage(
+            "uint8 frames",
+            (frames * frame_words(src.0, src.1) * 4) as u64,
+        )?;
+        let lut = ctx.storage("normalisation table", 768 * 4)?;
+        let mut keep = Vec::new();
+        let mut passes = Vec::new();
+        let (resize_x, resize_y) = (src.1 != out.1, src.0 != out.0);
+        // The x pass runs when x changes, or alone (an identity resample) when nothing does.
+        if resize_x || !resize_y {
+            let (taps, k) = pil_coeffs(src.1, out.1);
+            let coef = ctx.storage_init("resize x coefficients", &k)?;
+            let mid = (src.0, out.1);
+            let (op, bg) = if resize_y {
+                let tmp = ctx.storage("resized rows", (frames * mid.0 * mid.1 * 3 * 4) as u64)?;
+                let op = PilResize::new(ctx, Axis::X, Src::U8, Dst::U32)?;
+                let bg = op.bind(ctx, arena, &raw, &coef, &lut, &tmp)?;
+                keep.push(tmp);
+                (op, bg)
+            } else {
+                let op = PilResize::new(ctx, Axis::X, Src::U8, Dst::F32)?;
+                let bg = op.bind(ctx, arena, &raw, &coef, &lut, dst)?;
+                (op, bg)
+            };
+            keep.push(coef);
+            passes.push(PrePass {
+                op,
+                bg,
+                inp: src,
+                out: mid,
+                taps,
+            });
+        }
+        if resize_y {
+            let (taps, k) = pil_coeffs(src.0, out.0);
+            let coef = ctx.storage_init("resize y coefficients", &k)?;
+            let (op, bg, inp) = match keep.first() {
+                Some(tmp) if resize_x => {
+                    let op = PilResize::new(ctx, Axis::Y, Src::U32, Dst::F32)?;
+                    let bg = op.bind(ctx, arena, tmp, &coef, &lut, dst)?;
+                    (op, bg, (src.0, out.1))
+                }
+                _ => {
+                    let op = PilResize::new(ctx, Axis::Y, Src::U8, Dst::F32)?;
+                    let bg = op.bind(ctx, arena, &raw, &coef, &lut, dst)?;
+                    (op, bg, src)
+                }
+            };
+            keep.push(coef);
+            passes.push(PrePass {
+                op,
+                bg,
+                inp,
+                out,
+                taps,
+            });
+        }
+        Ok(Self {
+            raw,
+            lut,
+            passes,
+            _keep: keep,
+        })
+    }
+}
+
 struct Res {
     spec: WsSpec,
+    /// GPU preprocessing of uint8 frames (None: the call uploads pixel values).
+    prep: Option<PreRes>,
     pix: Option<wgpu::Buffer>,
     img: wgpu::Buffer,
     lnw: wgpu::Buffer,
@@ -541,6 +641,17 @@ impl Workspace {
             Some(p) => Some(ops.bicubic.bind(ctx, &arena, p, &img)?),
             None => None,
         };
+        let prep = match spec.src_hw {
+            Some(src) => Some(PreRes::new(
+                ctx,
+                &arena,
+                frames_px,
+                src,
+                spec.in_hw,
+                pix.as_ref().unwrap_or(&img),
+            )?),
+            None => None,
+        };
         let none = Extra::default();
         let bg_patch = ops.patch.bind(ctx, &arena, &img, wts, &feat, none)?;
         let bg_ln = ops.ln.bind(ctx, &arena, &feat, wts, &lnw)?;
@@ -608,6 +719,7 @@ impl Workspace {
             arena,
             r: Res {
                 spec,
+                prep,
                 pix,
                 img,
                 lnw,
@@ -709,6 +821,100 @@ fn check_pixels(pixel_values: &[f32], shape: &[usize]) -> Result<(usize, usize, 
     Ok((b, t, h, w))
 }
 
+/// The input of a call: the model's float32 pixel values, or uint8 RGB frames that the
+/// processor's resize and normalisation (SPEC §2.1-2) turn into them on the GPU.
+#[derive(Debug, Clone, Copy)]
+pub struct Frames<'a> {
+    /// Batch rows, frames per row, and the pixel values' (H, W) (after the processor).
+    pub b: usize,
+    pub t: usize,
+    pub h: usize,
+    pub w: usize,
+    data: FrameData<'a>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum FrameData<'a> {
+    /// [B, T, 3, H, W].
+    Pixels(&'a [f32]),
+    /// [B, T, src_h, src_w, 3] bytes; `lut` [3, 256]: the processor's float value of each
+    /// uint8 level per channel (rescale, offset, normalisation).
+    Uint8 {
+        bytes: &'a [u8],
+        src_hw: (usize, usize),
+        lut: &'a [f32],
+    },
+}
+
+impl<'a> Frames<'a> {
+    /// Float32 pixel values of `shape` [B, T, 3, H, W] (checked: shape, length, finite).
+    pub fn pixels(pixel_values: &'a [f32], shape: &[usize]) -> Result<Self> {
+        let (b, t, h, w) = check_pixels(pixel_values, shape)?;
+        Ok(Self {
+            b,
+            t,
+            h,
+            w,
+            data: FrameData::Pixels(pixel_values),
+        })
+    }
+
+    /// uint8 RGB frames of `shape` [B, T, H, W, 3], resized to `out_hw` with PIL's 8-bit
+    /// BILINEAR filter (an axis of equal size is not resampled) and mapped through `lut`
+    /// [3, 256] (the processor's float steps for each level) on the GPU.
+    pub fn uint8(
+        bytes: &'a [u8],
+        shape: &[usize],
+        out_hw: (usize, usize),
+        lut: &'a [f32],
+    ) -> Result<Self> {
+        if shape.len() != 5 || shape[4] != 3 || shape[..4].contains(&0) {
+            return Err(Error::Input(format!(
+                "uint8 frames must have shape [B, T, H, W, 3] with B, T, H, W >= 1, got {shape:?}"
+            )));
+        }
+        let n = shape
+            .iter()
+            .try_fold(1usize, |a, &v| a.checked_mul(v))
+            .ok_or_else(|| Error::Input(format!("frames shape {shape:?} is too large")))?;
+        if bytes.len() != n {
+            return Err(Error::Input(format!(
+                "frames have {} bytes, shape {shape:?} needs {n}",
+                bytes.len()
+            )));
+        }
+        if out_hw.0 == 0 || out_hw.1 == 0 {
+            return Err(Error::Input(format!(
+                "the processor's output size {out_hw:?} is empty"
+            )));
+        }
+        if lut.len() != 768 || lut.iter().any(|v| !v.is_finite()) {
+            return Err(Error::Input(
+                "the normalisation table must hold 3 x 256 finite values".into(),
+            ));
+        }
+        Ok(Self {
+            b: shape[0],
+            t: shape[1],
+            h: out_hw.0,
+            w: out_hw.1,
+            data: FrameData::Uint8 {
+                bytes,
+                src_hw: (shape[2], shape[3]),
+                lut,
+            },
+        })
+    }
+
+    /// The uint8 source size, when the frames are preprocessed on the GPU.
+    fn src_hw(&self) -> Option<(usize, usize)> {
+        match self.data {
+            FrameData::Pixels(_) => None,
+            FrameData::Uint8 { src_hw, .. } => Some(src_hw),
+        }
+    }
+}
+
 impl Engine {
     /// Uploads the weights and compiles every pipeline on a new device.
     pub fn new(config: &AutoGazeConfig, weights: &Weights) -> Result<Engine> {
@@ -779,9 +985,16 @@ impl Engine {
     }
 
     /// Frames per vision chunk that fit the adapter's binding limits.
-    fn chunk_frames(&self, b: usize, t: usize, h: usize, w: usize) -> Result<usize> {
+    fn chunk_frames(&self, f: &Frames) -> Result<usize> {
         let d = &self.inner.dims;
-        let per_frame = (3 * d.img * d.img).max(3 * h * w).max(d.p * d.c) as u64 * 4;
+        let (b, t, h, w) = (f.b, f.t, f.h, f.w);
+        let mut per_frame = (3 * d.img * d.img).max(3 * h * w).max(d.p * d.c) as u64 * 4;
+        if let Some((sh, sw)) = f.src_hw() {
+            // The packed bytes and the first resize pass's one-word values.
+            per_frame = per_frame
+                .max(frame_words(sh, sw) as u64 * 4)
+                .max((sh * w * 3) as u64 * 4);
+        }
         let fit = self.inner.ctx.max_binding() / (per_frame * b as u64);
         if fit == 0 {
             return Err(Error::Device(format!(
@@ -832,20 +1045,42 @@ impl Engine {
     }
 
     /// Uploads frames [t0, t0 + tc) of every row into the workspace's input buffer.
-    fn upload_frames(
-        &self,
-        ws: &Res,
-        px: &[f32],
-        (b, t, h, w): (usize, usize, usize, usize),
-        t0: usize,
-        tc: usize,
-    ) {
-        let fsz = 3 * h * w;
-        let dst = ws.pix.as_ref().unwrap_or(&ws.img);
-        for r in 0..b {
-            let src = &px[(r * t + t0) * fsz..(r * t + t0 + tc) * fsz];
-            self.inner.ctx.write(dst, (r * tc * fsz) as u64, src);
+    fn upload_frames(&self, ws: &Res, f: &Frames, t0: usize, tc: usize) -> Result<()> {
+        let ctx = &self.inner.ctx;
+        let (b, t) = (f.b, f.t);
+        match f.data {
+            FrameData::Pixels(px) => {
+                let fsz = 3 * f.h * f.w;
+                let dst = ws.pix.as_ref().unwrap_or(&ws.img);
+                for r in 0..b {
+                    let src = &px[(r * t + t0) * fsz..(r * t + t0 + tc) * fsz];
+                    ctx.write(dst, (r * tc * fsz) as u64, src);
+                }
+            }
+            FrameData::Uint8 { bytes, src_hw, lut } => {
+                let prep = ws.prep.as_ref().ok_or_else(|| {
+                    Error::Backend("uint8 frames on a workspace without preprocessing".into())
+                })?;
+                ctx.write(&prep.lut, 0, lut);
+                let fsz = 3 * src_hw.0 * src_hw.1;
+                let fw4 = frame_words(src_hw.0, src_hw.1) * 4;
+                for r in 0..b {
+                    let src = &bytes[(r * t + t0) * fsz..(r * t + t0 + tc) * fsz];
+                    if fsz == fw4 {
+                        ctx.write(&prep.raw, (r * tc * fw4) as u64, src);
+                    } else {
+                        // Each frame starts on a word: pad the frames' byte counts to 4.
+                        let mut padded = vec![0u8; tc * fw4];
+                        for j in 0..tc {
+                            padded[j * fw4..j * fw4 + fsz]
+                                .copy_from_slice(&src[j * fsz..(j + 1) * fsz]);
+                        }
+                        ctx.write(&prep.raw, (r * tc * fw4) as u64, &padded);
+                    }
+                }
+            }
         }
+        Ok(())
     }
 
     /// Records the vision encoder + connector for `tc` frames (session frames t0..).
@@ -860,6 +1095,11 @@ impl Engine {
     ) -> Result<()> {
         let i = &self.inner;
         let (d, o) = (&i.dims, &i.off);
+        if let Some(prep) = &ws.prep {
+            for ps in &prep.passes {
+                ps.op.record(rec, &ps.bg, b * tc, ps.inp, ps.out, ps.taps)?;
+            }
+        }
         if let Some(bg) = &ws.bg_resize {
             i.ops
                 .bicubic
@@ -1141,15 +1381,21 @@ impl Engine {
     /// Vision embeddings (the connector output) of `pixel_values` [B, T, 3, H, W]:
     /// returns [B, T, 196, 192].
     pub fn embed(&self, pixel_values: &[f32], shape: &[usize]) -> Result<Vec<f32>> {
-        let (b, t, h, w) = check_pixels(pixel_values, shape)?;
+        self.embed_frames(&Frames::pixels(pixel_values, shape)?)
+    }
+
+    /// [`Engine::embed`] of any [`Frames`].
+    pub fn embed_frames(&self, frames: &Frames) -> Result<Vec<f32>> {
+        let (b, t, h, w) = (frames.b, frames.t, frames.h, frames.w);
         let i = &self.inner;
         let d = &i.dims;
-        let tc = self.chunk_frames(b, t, h, w)?;
+        let tc = self.chunk_frames(frames)?;
         let need = WsSpec {
             batch: b,
             frames: tc,
             ring: tc + 2,
             in_hw: (h, w),
+            src_hw: frames.src_hw(),
             cap: CAP_SLACK,
             out_frames: 1,
             debug_steps: 0,
@@ -1164,7 +1410,7 @@ impl Engine {
         let mut t0 = 0;
         while t0 < t {
             let n = tc.min(t - t0);
-            self.upload_frames(ws, pixel_values, (b, t, h, w), t0, n);
+            self.upload_frames(ws, frames, t0, n)?;
             let mut rec = Recorder::new(&i.ctx, arena);
             if t0 == 0 {
                 rec.encoder().clear_buffer(&ws.lnw, 0, None);
@@ -1192,7 +1438,16 @@ impl Engine {
         shape: &[usize],
         params: &GenerateParams,
     ) -> Result<GenerateOutput> {
-        self.generate_impl(pixel_values, shape, params, false, false)
+        self.generate_frames(&Frames::pixels(pixel_values, shape)?, params)
+    }
+
+    /// [`Engine::generate`] of any [`Frames`].
+    pub fn generate_frames(
+        &self,
+        frames: &Frames,
+        params: &GenerateParams,
+    ) -> Result<GenerateOutput> {
+        self.generate_impl(frames, params, false, false)
             .map(|r| r.out)
     }
 
@@ -1205,7 +1460,7 @@ impl Engine {
         shape: &[usize],
         params: &GenerateParams,
     ) -> Result<(GenerateOutput, Vec<KernelTime>, CallStats)> {
-        let r = self.generate_impl(pixel_values, shape, params, false, true)?;
+        let r = self.generate_impl(&Frames::pixels(pixel_values, shape)?, params, false, true)?;
         Ok((r.out, r.kernels, r.stats))
     }
 
@@ -1218,7 +1473,7 @@ impl Engine {
         shape: &[usize],
         params: &GenerateParams,
     ) -> Result<(GenerateOutput, Vec<f32>, CallStats)> {
-        let r = self.generate_impl(pixel_values, shape, params, true, false)?;
+        let r = self.generate_impl(&Frames::pixels(pixel_values, shape)?, params, true, false)?;
         Ok((r.out, r.debug_logits.unwrap_or_default(), r.stats))
     }
 
@@ -1244,7 +1499,17 @@ impl Engine {
         frame_lens: &[usize],
         tokens: &[u32],
     ) -> Result<(Vec<f32>, Vec<f32>)> {
-        let (b, t, h, w) = check_pixels(pixel_values, shape)?;
+        self.score_frames(&Frames::pixels(pixel_values, shape)?, frame_lens, tokens)
+    }
+
+    /// [`Engine::score`] of any [`Frames`].
+    pub fn score_frames(
+        &self,
+        frames: &Frames,
+        frame_lens: &[usize],
+        tokens: &[u32],
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let (b, t, h, w) = (frames.b, frames.t, frames.h, frames.w);
         let i = &self.inner;
         let d = &i.dims;
         if frame_lens.len() != t {
@@ -1281,12 +1546,13 @@ impl Engine {
         let (k, p, pad) = (d.k, d.p, d.pad as u32);
         let ntp = d.nt_pre();
         let seq = t * p + n_all;
-        let tc = self.chunk_frames(b, t, h, w)?;
+        let tc = self.chunk_frames(frames)?;
         let need = WsSpec {
             batch: b,
             frames: tc,
             ring: tc + 2,
             in_hw: (h, w),
+            src_hw: frames.src_hw(),
             cap: seq + CAP_SLACK,
             out_frames: t,
             debug_steps: 0,
@@ -1344,7 +1610,7 @@ impl Engine {
         let mut t0 = 0;
         while t0 < t {
             let nc = tc.min(t - t0);
-            self.upload_frames(ws, pixel_values, (b, t, h, w), t0, nc);
+            self.upload_frames(ws, frames, t0, nc)?;
             for j in 0..nc {
                 let mut rec = Recorder::resume(&i.ctx, &mut *arena);
                 if j == 0 {
@@ -1423,13 +1689,12 @@ impl Engine {
 
     fn generate_impl(
         &self,
-        pixel_values: &[f32],
-        shape: &[usize],
+        frames: &Frames,
         params: &GenerateParams,
         debug: bool,
         profile: bool,
     ) -> Result<Run> {
-        let (b, t, h, w) = check_pixels(pixel_values, shape)?;
+        let (b, t, h, w) = (frames.b, frames.t, frames.h, frames.w);
         if params.gazing_ratio_each_frame.len() != t {
             return Err(Error::Input(format!(
                 "gazing_ratio_each_frame has {} values for {t} frames",
@@ -1449,12 +1714,13 @@ impl Engine {
         let plans = self.plans(&params.gazing_ratio_each_frame, 0)?;
         let cap = plans.iter().map(|p| d.p + p.budget).sum::<usize>() + CAP_SLACK;
         let max_steps: usize = plans.iter().map(|p| p.budget.div_ceil(d.k)).sum();
-        let tc = self.chunk_frames(b, t, h, w)?;
+        let tc = self.chunk_frames(frames)?;
         let need = WsSpec {
             batch: b,
             frames: tc,
             ring: tc + 2,
             in_hw: (h, w),
+            src_hw: frames.src_hw(),
             cap,
             out_frames: t,
             debug_steps: if debug { max_steps } else { 0 },
@@ -1496,7 +1762,7 @@ impl Engine {
         let mut t0 = 0;
         while t0 < t {
             let n = tc.min(t - t0);
-            self.upload_frames(ws, pixel_values, (b, t, h, w), t0, n);
+            self.upload_frames(ws, frames, t0, n)?;
             let mut rec_start = std::time::Instant::now();
             let mut rec = next_recorder(&i.ctx, &mut *arena, profile)?;
             if t0 == 0 {
@@ -1642,16 +1908,23 @@ impl Engine {
         Ok(out)
     }
 
-    /// Starts a streaming session of `batch` rows holding up to `max_frames` frames of input
-    /// size (h, w), with an optional task-loss requirement.
+    /// Starts a streaming session of `batch` rows holding up to `max_frames` frames of
+    /// pixel-value size `in_hw`, given as uint8 frames of `src_hw` when that is set (the
+    /// processor's resize on the GPU), with an optional task-loss requirement.
     pub fn session(
         &self,
         batch: usize,
         max_frames: usize,
         in_hw: (usize, usize),
+        src_hw: Option<(usize, usize)>,
         task_loss_requirement: Option<f32>,
     ) -> Result<Session> {
-        if batch == 0 || max_frames == 0 || in_hw.0 == 0 || in_hw.1 == 0 {
+        if batch == 0
+            || max_frames == 0
+            || in_hw.0 == 0
+            || in_hw.1 == 0
+            || src_hw.is_some_and(|(h, w)| h == 0 || w == 0)
+        {
             return Err(Error::Input(
                 "a session needs batch, max_frames, height and width >= 1".into(),
             ));
@@ -1671,6 +1944,7 @@ impl Engine {
             frames: 1,
             ring: 3,
             in_hw,
+            src_hw,
             cap,
             out_frames: 1,
             debug_steps: 0,
@@ -1800,12 +2074,33 @@ impl Session {
                 )));
             }
         };
-        let (b, t, h, w) = check_pixels(pixel_values, &shape5)?;
+        self.step_frames(&Frames::pixels(pixel_values, &shape5)?, gazing_ratio)
+    }
+
+    /// [`Session::step`] of one frame per row as [`Frames`] (T = 1); uint8 frames when the
+    /// session was started with their size.
+    pub fn step_frames(&mut self, frames: &Frames, gazing_ratio: f32) -> Result<StepOutput> {
+        let (b, t, h, w) = (frames.b, frames.t, frames.h, frames.w);
         let spec = self.ws.r.spec;
-        if t != 1 || b != spec.batch || (h, w) != spec.in_hw {
+        if t != 1 || b != spec.batch || (h, w) != spec.in_hw || frames.src_hw() != spec.src_hw {
+            let want = match spec.src_hw {
+                Some((sh, sw)) => format!(
+                    "uint8 frames [{}, 1, {sh}, {sw}, 3] processed to {}x{}",
+                    spec.batch, spec.in_hw.0, spec.in_hw.1
+                ),
+                None => format!(
+                    "pixel values [{}, 1, 3, {}, {}]",
+                    spec.batch, spec.in_hw.0, spec.in_hw.1
+                ),
+            };
+            let got = match frames.src_hw() {
+                Some((sh, sw)) => {
+                    format!("uint8 frames [{b}, {t}, {sh}, {sw}, 3] processed to {h}x{w}")
+                }
+                None => format!("pixel values [{b}, {t}, 3, {h}, {w}]"),
+            };
             return Err(Error::Input(format!(
-                "this session takes frames of shape [{}, 3, {}, {}], got {shape:?}",
-                spec.batch, spec.in_hw.0, spec.in_hw.1
+                "this session takes {want}, got {got}"
             )));
         }
         if self.frame >= self.max_frames {
@@ -1819,7 +2114,7 @@ impl Session {
         let d = &i.dims;
         let plan = e.plans(&[gazing_ratio], self.l_sum)?.remove(0);
         let (arena, ws) = (&mut self.ws.arena, &self.ws.r);
-        e.upload_frames(ws, pixel_values, (b, 1, h, w), 0, 1);
+        e.upload_frames(ws, frames, 0, 1)?;
         let ow = out_words(&ws.spec, d) as u64 * 4;
         let mut rec = Recorder::new(&i.ctx, arena);
         e.record_vision(&mut rec, ws, b, 1, self.frame, (h, w))?;

@@ -17,4 +17,4 @@ pub mod rope;
 
 pub use buffer::KernelTime;
 pub use context::{DeviceInfo, GpuContext};
-pub use engine::{Engine, GenerateOutput, GenerateParams, Session, StepOutput};
+pub use engine::{Engine, Frames, GenerateOutput, GenerateParams, Session, StepOutput};

@@ -272,7 +272,7 @@ fn device_lost_fails_cleanly_and_a_reload_works() {
     for r in [
         e.generate(&px, &shape, &p).map(|_| ()),
         e.embed(&px, &shape).map(|_| ()),
-        e.session(1, 2, (32, 32), None).map(|_| ()),
+        e.session(1, 2, (32, 32), None, None).map(|_| ()),
     ] {
         let err = r.expect_err("a lost device must fail");
         assert!(matches!(err, crate::Error::Device(_)), "{err}");
@@ -430,7 +430,7 @@ fn parity_streaming_f() {
     let t = shape[1];
     let fsz = 3 * shape[3] * shape[4];
     let mut sess = e
-        .session(1, t, (shape[3], shape[4]), Some(0.7))
+        .session(1, t, (shape[3], shape[4]), None, Some(0.7))
         .expect("session");
     let mut all_pos = Vec::new();
     let mut all_pad = Vec::new();
@@ -491,7 +491,7 @@ fn bench_generate_timings() {
     }
     let fsz = 3 * shape[3] * shape[4];
     let mut sess = e
-        .session(1, shape[1], (shape[3], shape[4]), Some(0.7))
+        .session(1, shape[1], (shape[3], shape[4]), None, Some(0.7))
         .expect("session");
     let mut times = Vec::new();
     for tt in 0..shape[1] {

@@ -26,6 +26,7 @@ pub const COMMON: &str = include_str!("../../shaders/common.wgsl");
 pub fn shader_source(name: &str) -> Option<&'static str> {
     Some(match name {
         "resize" => include_str!("../../shaders/resize.wgsl"),
+        "pil_resize" => include_str!("../../shaders/pil_resize.wgsl"),
         "matmul" => include_str!("../../shaders/matmul.wgsl"),
         "layernorm" => include_str!("../../shaders/layernorm.wgsl"),
         "attention" => include_str!("../../shaders/attention.wgsl"),

@@ -10,7 +10,7 @@ use numpy::{PyArray1, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods}
 use pyo3::prelude::*;
 
 use crate::error::Error;
-use crate::gpu::{Engine, GenerateParams, GpuContext, Session};
+use crate::gpu::{Engine, Frames, GenerateParams, GpuContext, Session};
 use crate::weights::load_model;
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -53,6 +53,47 @@ fn contiguous_f32<'a>(x: &'a PyReadonlyArrayDyn<'_, f32>, what: &str) -> PyResul
         .map_err(|_| Error::Input(format!("{what} must be a C-contiguous float32 array")).into())
 }
 
+/// A call's input: float32 pixel values (B, T, 3, H, W), or uint8 RGB frames
+/// (B, T, H, W, 3) with ``preprocess=(out_h, out_w, lut)``: the processor's output size and
+/// its float value of each uint8 level per channel (lut float32 (3, 256)), for the processor's
+/// resize and normalisation on the GPU.
+enum PyInput<'py> {
+    Pixels(PyReadonlyArrayDyn<'py, f32>),
+    Uint8(PyReadonlyArrayDyn<'py, u8>, (usize, usize), Vec<f32>),
+}
+
+type Preprocess = Option<(usize, usize, Vec<f32>)>;
+
+impl<'py> PyInput<'py> {
+    fn new(x: &Bound<'py, PyAny>, preprocess: Preprocess) -> PyResult<Self> {
+        Ok(match preprocess {
+            None => {
+                Self::Pixels(x.extract().map_err(|_| {
+                    Error::Input("pixel_values must be a float32 numpy array".into())
+                })?)
+            }
+            Some((h, w, lut)) => Self::Uint8(
+                x.extract()
+                    .map_err(|_| Error::Input("frames must be a uint8 numpy array".into()))?,
+                (h, w),
+                lut,
+            ),
+        })
+    }
+
+    fn frames(&self) -> PyResult<Frames<'_>> {
+        Ok(match self {
+            Self::Pixels(a) => Frames::pixels(contiguous_f32(a, "pixel_values")?, a.shape())?,
+            Self::Uint8(a, hw, lut) => {
+                let bytes = a.as_slice().map_err(|_| {
+                    Error::Input("frames must be a C-contiguous uint8 array".into())
+                })?;
+                Frames::uint8(bytes, a.shape(), *hw, lut)?
+            }
+        })
+    }
+}
+
 /// The whole AutoGaze model on a wgpu device (weights uploaded once).
 #[pyclass(module = "autogaze_wgpu._native", frozen)]
 pub struct WgpuEngine {
@@ -88,38 +129,42 @@ impl WgpuEngine {
         self.engine.context().simulate_oom_on_next_allocation();
     }
 
-    /// ``pixel_values`` float32 (B, T, 3, H, W) -> connector output (B, T, 196, C).
+    /// ``pixel_values`` float32 (B, T, 3, H, W) (or uint8 frames with ``preprocess``) ->
+    /// connector output (B, T, 196, C).
+    #[pyo3(signature = (pixel_values, preprocess=None))]
     fn embed<'py>(
         &self,
         py: Python<'py>,
-        pixel_values: PyReadonlyArrayDyn<'py, f32>,
+        pixel_values: &Bound<'py, PyAny>,
+        preprocess: Preprocess,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let shape = pixel_values.shape().to_vec();
-        let data = contiguous_f32(&pixel_values, "pixel_values")?;
-        let out = py.detach(|| self.engine.embed(data, &shape))?;
+        let input = PyInput::new(pixel_values, preprocess)?;
+        let frames = input.frames()?;
+        let out = py.detach(|| self.engine.embed_frames(&frames))?;
         let (p, c) = (self.engine.num_vision_tokens(), self.engine.hidden_size());
         Ok(PyArray1::from_vec(py, out)
-            .reshape(vec![shape[0], shape[1], p, c])?
+            .reshape(vec![frames.b, frames.t, p, c])?
             .into_any())
     }
 
-    /// Greedy generation. Returns ``(gazing_pos (B, N) int64, if_padded_gazing (B, N) bool,
-    /// num_gazing_each_frame (T,) int64)``.
-    #[pyo3(signature = (pixel_values, gazing_ratio_each_frame, task_loss_requirement=None))]
+    /// Greedy generation (input as in ``embed``). Returns ``(gazing_pos (B, N) int64,
+    /// if_padded_gazing (B, N) bool, num_gazing_each_frame (T,) int64)``.
+    #[pyo3(signature = (pixel_values, gazing_ratio_each_frame, task_loss_requirement=None, preprocess=None))]
     fn generate<'py>(
         &self,
         py: Python<'py>,
-        pixel_values: PyReadonlyArrayDyn<'py, f32>,
+        pixel_values: &Bound<'py, PyAny>,
         gazing_ratio_each_frame: Vec<f32>,
         task_loss_requirement: Option<f32>,
+        preprocess: Preprocess,
     ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>, Bound<'py, PyAny>)> {
-        let shape = pixel_values.shape().to_vec();
-        let data = contiguous_f32(&pixel_values, "pixel_values")?;
+        let input = PyInput::new(pixel_values, preprocess)?;
+        let frames = input.frames()?;
         let params = GenerateParams {
             gazing_ratio_each_frame,
             task_loss_requirement,
         };
-        let out = py.detach(|| self.engine.generate(data, &shape, &params))?;
+        let out = py.detach(|| self.engine.generate_frames(&frames, &params))?;
         let b = out.batch;
         let n = out.gazing_pos.len().checked_div(b).unwrap_or(0);
         let num: Vec<i64> = out
@@ -140,18 +185,21 @@ impl WgpuEngine {
 
     /// The teacher-forced scores of given gazes (SPEC §5b). ``tokens`` int64 (B, N): ids
     /// within their frame (pad 265), the frames' slots concatenated, ``frame_lens[t]`` of
-    /// them for frame t. Returns ``(gaze_probs, task_loss_prediction)``, float32 (B, N).
+    /// them for frame t. Input as in ``embed``. Returns ``(gaze_probs,
+    /// task_loss_prediction)``, float32 (B, N).
+    #[pyo3(signature = (pixel_values, frame_lens, tokens, preprocess=None))]
     fn score<'py>(
         &self,
         py: Python<'py>,
-        pixel_values: PyReadonlyArrayDyn<'py, f32>,
+        pixel_values: &Bound<'py, PyAny>,
         frame_lens: Vec<usize>,
         tokens: PyReadonlyArrayDyn<'py, i64>,
+        preprocess: Preprocess,
     ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
-        let shape = pixel_values.shape().to_vec();
-        let data = contiguous_f32(&pixel_values, "pixel_values")?;
+        let input = PyInput::new(pixel_values, preprocess)?;
+        let frames = input.frames()?;
         let tshape = tokens.shape().to_vec();
-        if tshape.len() != 2 || tshape[0] != shape.first().copied().unwrap_or(0) {
+        if tshape.len() != 2 || tshape[0] != frames.b {
             return Err(Error::Input(format!(
                 "tokens must have shape (B, N) with the batch of pixel_values, got {tshape:?}"
             ))
@@ -166,7 +214,7 @@ impl WgpuEngine {
                     .map_err(|_| Error::Input(format!("slot id {v} is not a gaze target id")))
             })
             .collect::<Result<Vec<u32>, Error>>()?;
-        let (gp, tl) = py.detach(|| self.engine.score(data, &shape, &frame_lens, &ids))?;
+        let (gp, tl) = py.detach(|| self.engine.score_frames(&frames, &frame_lens, &ids))?;
         let dims = vec![tshape[0], tshape[1]];
         Ok((
             PyArray1::from_vec(py, gp).reshape(dims.clone())?.into_any(),
@@ -210,9 +258,11 @@ impl WgpuEngine {
         Ok(d)
     }
 
-    /// Starts a streaming session of ``batch`` rows for up to ``max_frames`` frames of size
-    /// (height, width).
-    #[pyo3(signature = (batch, max_frames, height, width, task_loss_requirement=None))]
+    /// Starts a streaming session of ``batch`` rows for up to ``max_frames`` frames of
+    /// pixel-value size (height, width); ``source_size=(h, w)``: the frames come as uint8
+    /// frames of that size, preprocessed on the GPU (``step(..., preprocess=...)``).
+    #[pyo3(signature = (batch, max_frames, height, width, task_loss_requirement=None, source_size=None))]
+    #[allow(clippy::too_many_arguments)]
     fn session(
         &self,
         py: Python<'_>,
@@ -221,10 +271,16 @@ impl WgpuEngine {
         height: usize,
         width: usize,
         task_loss_requirement: Option<f32>,
+        source_size: Option<(usize, usize)>,
     ) -> PyResult<WgpuSession> {
         let s = py.detach(|| {
-            self.engine
-                .session(batch, max_frames, (height, width), task_loss_requirement)
+            self.engine.session(
+                batch,
+                max_frames,
+                (height, width),
+                source_size,
+                task_loss_requirement,
+            )
         })?;
         Ok(WgpuSession {
             session: Mutex::new(s),
@@ -240,21 +296,23 @@ pub struct WgpuSession {
 
 #[pymethods]
 impl WgpuSession {
-    /// Runs one frame (B, 1, 3, H, W); returns its ids within the frame (B, n) int64
-    /// (pad = 265).
+    /// Runs one frame (B, 1, 3, H, W) (or uint8 (B, 1, H, W, 3) with ``preprocess``, as in
+    /// ``WgpuEngine.embed``); returns its ids within the frame (B, n) int64 (pad = 265).
+    #[pyo3(signature = (pixel_values, gazing_ratio, preprocess=None))]
     fn step<'py>(
         &self,
         py: Python<'py>,
-        pixel_values: PyReadonlyArrayDyn<'py, f32>,
+        pixel_values: &Bound<'py, PyAny>,
         gazing_ratio: f32,
+        preprocess: Preprocess,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let shape = pixel_values.shape().to_vec();
-        let data = contiguous_f32(&pixel_values, "pixel_values")?;
+        let input = PyInput::new(pixel_values, preprocess)?;
+        let frames = input.frames()?;
         let out = py.detach(|| {
             let mut s = self.session.lock().map_err(|_| {
                 Error::Backend("a previous step panicked; start a new session".into())
             })?;
-            s.step(data, &shape, gazing_ratio)
+            s.step_frames(&frames, gazing_ratio)
         })?;
         let b = out.batch;
         Ok(PyArray1::from_vec(py, out.tokens)

@@ -16,6 +16,7 @@ import numpy as np
 from .. import _native
 from ..errors import DeviceError, InputError
 from ..outputs import split_frame_tokens
+from ..processor import RawFrames
 
 
 @lru_cache(maxsize=1)
@@ -41,8 +42,18 @@ def _host_f32(video) -> np.ndarray:
     return np.ascontiguousarray(video, dtype=np.float32)
 
 
+def _engine_input(video) -> tuple[np.ndarray, Optional[tuple]]:
+    """(array, preprocess) for the native calls: float32 pixel values and None, or for
+    RawFrames the uint8 frames and (H', W', normalisation table) for the GPU preprocessing."""
+    if isinstance(video, RawFrames):
+        h, w = video.shape[-2:]
+        return video.frames, (h, w, video.normalization_table().ravel().tolist())
+    return _host_f32(video), None
+
+
 class WgpuBackend:
     name = "wgpu"
+    takes_raw_frames = True  # the processor's resize + normalisation run on the GPU
 
     def __init__(self, config, model_dir: str):
         self.config = config
@@ -53,21 +64,24 @@ class WgpuBackend:
         return self.engine.adapter_name
 
     def embed(self, video) -> np.ndarray:
-        return self.engine.embed(_host_f32(video))
+        x, pre = _engine_input(video)
+        return self.engine.embed(x, preprocess=pre)
 
     def generate(self, video, budgets: list[int], task_loss_requirement, record_steps=False):
         if record_steps:
             raise InputError("record_steps is a reference-backend debugging aid")
         V = self.config.num_vision_tokens_each_frame
         ratios = [_ratio_for_budget(b, V) for b in budgets]
-        pos, padded, num = self.engine.generate(_host_f32(video), ratios, task_loss_requirement)
+        x, pre = _engine_input(video)
+        pos, padded, num = self.engine.generate(x, ratios, task_loss_requirement, preprocess=pre)
         return split_frame_tokens(pos, padded, num, self.config)
 
     def score(self, video, frame_tokens: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """gaze_probs, task_loss_prediction (B, N) float32: the teacher-forced pass on the GPU."""
         lens = [int(t.shape[1]) for t in frame_tokens]
         tokens = np.ascontiguousarray(np.concatenate(frame_tokens, axis=1), dtype=np.int64)
-        return self.engine.score(_host_f32(video), lens, tokens)
+        x, pre = _engine_input(video)
+        return self.engine.score(x, lens, tokens, preprocess=pre)
 
     def new_stream(self, batch_size: int, max_frames: Optional[int] = None) -> "WgpuStream":
         return WgpuStream(self, batch_size, max_frames)
@@ -91,12 +105,14 @@ class WgpuStream:
         if self.session is not None:
             self.session.reset()
 
-    def _open(self, x: np.ndarray, task_loss_requirement):
+    def _open(self, frame, task_loss_requirement):
         tried = (self.max_frames,) if self.max_frames else self.MAX_FRAMES_TRIED
+        h, w = frame.shape[-2:]
+        source = frame.frames.shape[2:4] if isinstance(frame, RawFrames) else None
         for i, frames in enumerate(tried):
             try:
                 return self.backend.engine.session(
-                    self.batch_size, frames, x.shape[-2], x.shape[-1], task_loss_requirement
+                    self.batch_size, frames, h, w, task_loss_requirement, source_size=source
                 )
             except DeviceError as e:
                 if "largest storage binding" not in str(e):
@@ -108,13 +124,13 @@ class WgpuStream:
                     ) from e
 
     def step(self, frame, budget: int, task_loss_requirement) -> np.ndarray:
-        x = _host_f32(frame)
+        x, pre = _engine_input(frame)
         if self.session is None:
-            self.session = self._open(x, task_loss_requirement)
+            self.session = self._open(frame, task_loss_requirement)
         elif self.session.frames >= self.session.max_frames:
             raise InputError(
                 f"this wgpu session holds {self.session.max_frames} frames (the adapter's "
                 "binding limits); give AutoGaze.stream a horizon, or start a new session"
             )
         V = self.backend.config.num_vision_tokens_each_frame
-        return self.session.step(x, _ratio_for_budget(budget, V))
+        return self.session.step(x, _ratio_for_budget(budget, V), preprocess=pre)

@@ -29,6 +29,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..inputs import check_num_frames, gazing_budget, positive_int, resolve_gazing_params
+from ..processor import RawFrames
 from .baseline import PatchDiff
 from .modes import MODES, ModelGrid, TileLayout, as_uint8_frames, make_layout
 from .result import FrameGaze, VideoResult
@@ -45,7 +46,7 @@ class TileClip:
         self.frames = frames
         self.processor = processor
         self._work: np.ndarray | None = None
-        self._resize_pv: np.ndarray | None = None
+        self._resize_pv: RawFrames | None = None
 
     @property
     def num_frames(self) -> int:
@@ -60,15 +61,17 @@ class TileClip:
         """(B, T, 224, 224, 3) uint8 and the (B, 224, 224) valid-pixel map."""
         return self.layout.cut_tiles(self.work(), tiles)
 
-    def pixel_values(self, tiles: Sequence[int]) -> np.ndarray:
-        """(B, T, 3, h, w) float32 model input for the given tiles."""
+    def pixel_values(self, tiles: Sequence[int]) -> np.ndarray | RawFrames:
+        """(B, T, 3, h, w) model input for the given tiles: float32, or in "resize" mode the
+        raw frames with the processor (see ``AutoGazeProcessor.raw``)."""
         if self.processor is None:
             raise InputError("this source has no processor")
         if self.layout.mode == "resize":
             # Exactly the official path: processor (shortest edge 224, PIL bilinear), then
-            # the model squashes each frame to 224x224 (bicubic) inside.
+            # the model squashes each frame to 224x224 (bicubic) inside. Raw: the wgpu
+            # backend runs the processor on the GPU, others on the host (once per clip).
             if self._resize_pv is None:
-                self._resize_pv = self.processor(self.frames[None])
+                self._resize_pv = self.processor.raw(self.frames[None])
             return self._resize_pv
         u8, valid = self.uint8_tiles(tiles)
         pv = self.processor.normalize(u8)  # (B, T, 3, S, S)

@@ -9,6 +9,7 @@
 pub mod attention;
 pub mod layernorm;
 pub mod matmul;
+pub mod pil_resize;
 pub mod resize;
 pub mod score;
 pub mod select;
