@@ -15,7 +15,7 @@ case "${1:-all}" in
   all|test)
     AUTOGAZE_TEST_DEVICE=cuda timeout 300 python3 -m pytest -q -p no:cacheprovider \
       tests/test_official_fixtures.py tests/test_api.py tests/test_generation_rules.py \
-      tests/test_torch_backend.py 2>&1 | tee "$OUT/pytest_cuda.log" | tail -25 ;;
+      tests/test_torch_backend.py tests/test_processor.py 2>&1 | tee "$OUT/pytest_cuda.log" | tail -25 ;;
 esac
 case "${1:-all}" in
   all|bench)
@@ -31,6 +31,13 @@ case "${1:-all}" in
     for wl in clip tiles45; do
       timeout 200 python3 scripts/profile_wgpu.py --model "$AUTOGAZE_FIXTURES/model" --workload $wl \
         --json "$OUT/profile_$wl.json" 2>&1 | tee "$OUT/profile_$wl.log"
+    done ;;
+esac
+case "${1:-all}" in
+  profile-torch)  # kernel time and launch counts of the torch backend (docs/benchmarks.md)
+    for wl in clip tiles45; do
+      timeout 200 python3 scripts/profile_torch.py --model "$AUTOGAZE_FIXTURES/model" --workload $wl --sweep-steps 4,8,16 \
+        --json "$OUT/profile_torch_$wl.json" 2>&1 | tee "$OUT/profile_torch_$wl.log"
     done ;;
 esac
 case "${1:-all}" in

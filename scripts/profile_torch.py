@@ -1,29 +1,88 @@
-"""Where the torch backend's time goes on a CUDA device (a development aid)."""
+"""Where a torch-backend ``generate`` spends its GPU time (issue 5): torch.profiler (CUPTI)
+over one call after a warm-up, kernels grouped by name, slowest first, with launch counts.
 
-import os
+Kernels replayed from CUDA graphs are traced too, so the count per decode step (the bound of
+a graph-replayed loop of tiny kernels) is visible: the table's total kernel count divided by
+the call's decode steps.
+
+    python scripts/profile_torch.py --model DIR --workload clip [--json out.json]
+
+``--sweep-steps 4,8,32`` first times the call at those decode steps per graph launch (the
+backend's ``steps_per_sync``: fewer host reads against more no-op steps per frame).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
 import time
+from collections import defaultdict
+from pathlib import Path
 
-import autogaze_wgpu as ag
-import torch
-from autogaze_wgpu.testing import synthetic_video
 
-model_dir = os.path.join(os.environ["AUTOGAZE_FIXTURES"], "model")
-proc = ag.AutoGazeProcessor.from_pretrained(model_dir)
-clip = proc(synthetic_video(16, 224, 224, seed=7))
-for sps in (4, 8, 32):
-    m = ag.AutoGaze.from_pretrained(model_dir, backend="torch", device="cuda")
-    m.backend.steps_per_sync = sps
-    m.generate(clip)
+def main(argv=None) -> int:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    import autogaze_wgpu as ag
+    from autogaze_wgpu.bench import bench_inputs
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, type=Path)
+    p.add_argument("--workload", default="clip", choices=["clip", "no-stop", "tiles45"])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--top", type=int, default=25)
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--sweep-steps", default="", help="comma-separated steps_per_sync values to time first")
+    a = p.parse_args(argv)
+
+    model = ag.AutoGaze.from_pretrained(a.model, backend="torch", device=a.device)
+    proc = ag.AutoGazeProcessor.from_pretrained(a.model)
+    clip, tiles = bench_inputs(proc, tiles=45 if a.workload == "tiles45" else None)
+    video = torch.from_numpy(clip if tiles is None else tiles).to(a.device)
+    kw = {"gazing_ratio": 0.75} if a.workload == "no-stop" else {}
+    default_sps = model.backend.steps_per_sync
+    for sps in [int(v) for v in a.sweep_steps.split(",") if v]:
+        m = ag.AutoGaze.from_pretrained(a.model, backend="torch", device=a.device)
+        m.backend.steps_per_sync = sps
+        m.generate(video, **kw)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(3):
+            m.generate(video, **kw)
+        torch.cuda.synchronize()
+        print(f"steps_per_sync={sps}: {(time.perf_counter() - t0) / 3 * 1e3:.1f} ms per call", flush=True)
+        m.close()
+    print(f"profiling at the default steps_per_sync={default_sps}")
+    out = model.generate(video, **kw)  # warm-up: graph capture, allocations
     torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(3):
-        m.generate(clip)
-    print(f"steps_per_sync={sps}: {(time.perf_counter() - t0) / 3 * 1e3:.1f} ms", flush=True)
-be = m.backend
-t0 = time.perf_counter(); emb = be.embed(clip); torch.cuda.synchronize(); print(f"embed {1e3*(time.perf_counter()-t0):.1f} ms")
-from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
+    with profile(activities=acts) as prof:
+        out = model.generate(video, **kw)
+        torch.cuda.synchronize()
+    kernels: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            k = kernels[e.name]
+            k[0] += 1
+            k[1] += e.device_time
+    rows = sorted(((n, c, us) for n, (c, us) in kernels.items()), key=lambda r: -r[2])
+    total_us = sum(r[2] for r in rows)
+    count = sum(r[1] for r in rows)
+    steps = sum(-(-int(n) // model.config.decoder.num_multi_token_pred) for n in out.num_gazing_each_frame)
+    print(f"device {torch.cuda.get_device_name()}; workload {a.workload}; {out.batch_size} rows, "
+          f"{int(out.num_gazing_each_frame.sum())} slots per row, ~{steps} selection steps")
+    print(f"GPU kernel time {total_us / 1e3:.2f} ms over {count} kernel launches "
+          f"(~{count / max(steps, 1):.0f} per step)")
+    print(f"{'kernel':90s} {'n':>7s} {'total ms':>9s} {'us/launch':>9s} {'share':>6s}")
+    for name, n, us in rows[: a.top]:
+        print(f"{name[:90]:90s} {n:7d} {us / 1e3:9.3f} {us / n:9.2f} {100 * us / total_us:5.1f}%")
+    if a.json:
+        a.json.write_text(json.dumps({"workload": a.workload, "kernel_us": total_us, "launches": count,
+                                      "steps": steps, "kernels": rows}, indent=2))
+    return 0
 
-with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-    m.generate(clip)
-print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), flush=True)
-print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15))
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -6,6 +6,10 @@ Workloads (SPEC sizes, 224x224 frames):
   no-stop   the same clip, gazing_ratio 0.75 only (16 x 198 tokens)
   tiles45   45 tiles x 16 frames (a 1080p frame in AnyRes tiles), defaults
   stream    streaming session, per-frame latency (median over 16 frames)
+  score     the teacher-forced scores (``score``) of the clip's default gazes
+  video1080 ``model(frames)`` on 16 uint8 1920x1080 frames in "resize" mode, no confidence:
+            the product path, processor included (host PIL for reference/torch, the GPU for
+            wgpu)
 
 Timings are wall-clock around the public call (input on the host, outputs back as numpy),
 after one warm-up call, with the device synchronised by the call's own readback.
@@ -44,9 +48,15 @@ def device_name(backend: str, model) -> str:
     return getattr(model.backend, "adapter_name", backend)
 
 
-def workload(model, wl: str, clip, tiles) -> Callable[[], object]:
-    """The call a workload times. It returns the GazeOutput; "stream" returns (median
-    per-frame latency, the per-frame GazeOutputs)."""
+def workload(model, wl: str, clip, tiles, video=None) -> Callable[[], object]:
+    """The call a workload times. It returns the GazeOutput ("score": the ScoreOutput,
+    "video1080": the VideoResult); "stream" returns (median per-frame latency, the
+    per-frame GazeOutputs)."""
+    if wl == "score":
+        gazes = model.generate(clip, gazing_ratio=0.75, task_loss_requirement=0.7)
+        return lambda: model.score(clip, gazes)
+    if wl == "video1080":
+        return lambda: model(video, mode="resize", gazing_ratio=0.75, task_loss_requirement=0.7, confidence=False)
     if wl == "clip":
         return lambda: model.generate(clip, gazing_ratio=0.75, task_loss_requirement=0.7)
     if wl == "no-stop":
@@ -82,22 +92,32 @@ def run(model_dir: Path, backends: list[str], device: str | None, repeat: int, w
 
     proc = ag.AutoGazeProcessor.from_pretrained(model_dir)
     clip, tiles = bench_inputs(proc, tiles=45 if "tiles45" in workloads else None)
+    video = None
+    if "video1080" in workloads:
+        from autogaze_wgpu.testing import synthetic_video
+
+        video = synthetic_video(16, 1080, 1920, seed=9)
     rows = []
     for name in backends:
         kw = {"device": device} if name in ("torch", "reference") and device else {}
         model = ag.AutoGaze.from_pretrained(model_dir, backend=name, **kw)
         dev = device_name(name, model)
         for wl in workloads:
-            fn = workload(model, wl, clip, tiles)
+            fn = workload(model, wl, clip, tiles, video)
             sec, out = _median_time(fn, repeat)
             if wl == "stream":
                 sec = out[0]  # the median per-frame latency of the last run
                 slots = None
+            elif wl == "score":  # scores are floats: no digest to compare
+                slots, tokens = int(out.gaze_probs.size), None
+            elif wl == "video1080":
+                slots = int(sum(int(f.num_slots.sum()) for f in out))
+                tokens = np.concatenate([f.fixations["token"] for f in out])
             else:
                 slots = int(out.num_gazing_each_frame.sum()) * out.batch_size
                 tokens = out.gazing_pos
             rows.append({"backend": name, "device": dev, "workload": wl, "seconds": sec, "slots": slots,
-                         "tokens_sha": None if wl == "stream" else _digest(tokens)})
+                         "tokens_sha": None if wl == "stream" or tokens is None else _digest(tokens)})
             print(f"  {name:9s} {wl:8s} {sec * 1e3:10.2f} ms  slots={slots}", flush=True)
     return rows
 
@@ -127,7 +147,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", help="model dir (default: a random-weight model in the released format)")
     p.add_argument("--backends", default=",".join(ag.available_backends()))
     p.add_argument("--device", help="torch device for the reference/torch backends (default: cuda if available)")
-    p.add_argument("--workloads", default="clip,no-stop,tiles45,stream")
+    p.add_argument("--workloads", default="clip,no-stop,tiles45,stream,score,video1080")
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--json", help="write the rows to this file")
     args = p.parse_args(argv)
