@@ -8,6 +8,8 @@
 //                r = 1/sqrt(mean(x^2) + eps) from the tiles as they stream through
 //   TK           depth of one k-step (16 for the large tile, 64 for the small one)
 //   LAST         1: A row m is the last slot of batch row m (the heads)
+//   STRIDED      1: A rows rows_per per batch row, every row_step slots, the last at slot
+//                   row_last (the teacher-forced score's heads at the ends of its groups)
 //   EPI          store | residual | swiglu | qkv
 //   BIAS, RELU, ADDROW (store only): + bias[n]; max(., 0); + addend[(m % add_mod), n]
 //   DEC          1: decoder kernel (binds `gen`; skips when the frame is done and
@@ -45,6 +47,9 @@ struct Params {
     a_off: u32,       // embed: token embedding table offset in `wts`
     pos_stride: u32,  // plan_pos row stride (lead + patches)
     t0: u32,          // conv3: session frame index of output frame 0 (ring window)
+    rows_per: u32,    // STRIDED: A rows per batch row
+    row_last: u32,    // STRIDED: slot of a batch row's last A row
+    row_step: u32,    // STRIDED: slots between its A rows
 }
 
 const TM: u32 = {{TM}}u;
@@ -67,7 +72,7 @@ const W_LOADS: u32 = TN * TK / NTHREADS;
 #elif A == embed
 @group(0) @binding(1) var<storage, read> a: array<f32>;          // vision [B, vis_frames, P, K]
 #else
-@group(0) @binding(1) var<storage, read> a: array<f32>;          // [M, K] (LAST: [B, nt, K])
+@group(0) @binding(1) var<storage, read> a: array<f32>;          // [M, K] (LAST, STRIDED: [B, nt, K])
 #endif
 @group(0) @binding(2) var<storage, read> wts: array<f32>;        // packed weights; W [N, K] at w_off
 #if EPI == qkv
@@ -98,6 +103,9 @@ var<workgroup> rstat: array<f32, TM>;
 fn a_row(m: u32) -> u32 {
 #if LAST
     return m * p.nt + p.nt - 1u;
+#elif STRIDED
+    let back = p.rows_per - 1u - m % p.rows_per;
+    return (m / p.rows_per) * p.nt + p.row_last - back * p.row_step;
 #else
     return m;
 #endif

@@ -76,13 +76,15 @@ def test_batched_streaming_equals_whole_clip(rand_dir, rand_pixels, backend):
 
 def test_score_matches_the_reference_on_other_weights(rand_dir, rand_pixels, backend):
     """Scores of the random model's own gazes (pads included) equal the reference's within
-    the SPEC tolerances; a second call on other gazes reuses the backend's buffers."""
+    the SPEC tolerances, up to whole frames of 265 slots; later calls on other gazes reuse
+    the backend's buffers."""
     model = ag.AutoGaze.from_pretrained(rand_dir, backend=backend)
     ref = ag.AutoGaze.from_pretrained(rand_dir, backend="reference")
-    for ratio, req in ((0.2, None), (0.5, 0.7)):
-        out = model.generate(rand_pixels[:, :3], gazing_ratio=ratio, task_loss_requirement=req)
-        s = model.score(rand_pixels[:, :3], out)
-        want = ref.score(rand_pixels[:, :3], out)
+    # ratio 1: 265 slots per frame, more than one wgpu score forward holds (200)
+    for ratio, req, T in ((0.2, None, 3), (0.5, 0.7, 3), (1.0, None, 2)):
+        out = model.generate(rand_pixels[:, :T], gazing_ratio=ratio, task_loss_requirement=req)
+        s = model.score(rand_pixels[:, :T], out)
+        want = ref.score(rand_pixels[:, :T], out)
         assert s.gaze_probs.shape == out.gazing_pos.shape
         assert ((s.gaze_probs >= 0) & (s.gaze_probs <= 1)).all()
         np.testing.assert_allclose(s.gaze_probs, want.gaze_probs, rtol=0, atol=2e-4)

@@ -44,6 +44,14 @@ const CHUNK_DEC: usize = 128;
 /// Extra KV-cache slots beyond the frames' tokens (the plan of the frame after the last).
 const CAP_SLACK: usize = 224;
 
+impl Dims {
+    /// Token slots of one teacher-forced score forward: the most whole groups of K that fit
+    /// the prefill's activation rows (200 for K = 10 and 196 patches).
+    fn score_lead(&self) -> usize {
+        (self.nt_pre() / self.k) * self.k
+    }
+}
+
 /// Where the fixtures live: `$AUTOGAZE_FIXTURES`, else `<crate>/../shared/fixtures/official`.
 pub fn fixtures_dir() -> PathBuf {
     match std::env::var_os("AUTOGAZE_FIXTURES") {
@@ -398,6 +406,8 @@ struct Ops {
     step: PhaseOps,
     select: Select,
     score: Score,
+    /// The heads at strided rows (teacher-forced scoring).
+    score_heads: Matmul,
 }
 
 /// Capacities a workspace is allocated for.
@@ -570,6 +580,8 @@ struct Res {
     score_tok: wgpu::Buffer,
     score_out: wgpu::Buffer,
     bg_score: wgpu::BindGroup,
+    /// The heads at the group ends of a score forward ([B, rows, K*V + K] into `logits`).
+    bg_score_heads: wgpu::BindGroup,
     pre: PhaseBgs,
     step: PhaseBgs,
     // Kept alive for the bind groups.
@@ -593,7 +605,20 @@ impl Workspace {
         let b = spec.batch;
         let c = d.c;
         let frames_px = b * spec.frames;
-        let arena = ParamArena::new(ctx, 64 + 48 * spec.out_frames.max(1))?;
+        // Distinct parameter blocks per frame: a generation frame ~45, a scored frame ~60.
+        let per_frame = if spec.score_slots > 0 { 64 } else { 48 };
+        let arena = ParamArena::new(ctx, 64 + per_frame * spec.out_frames.max(1))?;
+        // Teacher-forced scoring (score_slots > 0) also plans forwards of score_lead token
+        // slots and takes the heads at up to score_lead / K rows per batch row.
+        let (gen_words, head_rows) = if spec.score_slots > 0 {
+            let sl = d.score_lead();
+            (
+                layout::words(b, d.k, d.nt_pre()).max(layout::words(b, sl, sl)),
+                sl / d.k,
+            )
+        } else {
+            (layout::words(b, d.k, d.nt_pre()), 1)
+        };
         let resize = spec.in_hw != (d.img, d.img);
         let pix = if resize {
             Some(ctx.storage(
@@ -627,8 +652,8 @@ impl Workspace {
         let kvmask = ctx.storage("key mask", (b * spec.cap) as u64 * f)?;
         let rope_tab = rope::cos_sin_table(inv_freq, spec.cap);
         let rope_b = ctx.storage_init("rope table", &rope_tab)?;
-        let state = ctx.storage("generation state", (layout::words(b, d.k, ntp) as u64) * f)?;
-        let logits = ctx.storage("logits", (b * d.head_rows()) as u64 * f)?;
+        let state = ctx.storage("generation state", gen_words as u64 * f)?;
+        let logits = ctx.storage("logits", (b * head_rows * d.head_rows()) as u64 * f)?;
         let ow = out_words(&spec, d) as u64 * f;
         let out = ctx.storage("gazes", ow)?;
         let out_staging = ctx.staging("gazes readback", ow)?;
@@ -666,6 +691,7 @@ impl Workspace {
         let bg_score = ops
             .score
             .bind(ctx, &arena, &state, &logits, &score_tok, &score_out)?;
+        let bg_score_heads = ops.score_heads.bind(ctx, &arena, &x, wts, &logits, none)?;
         let phase = |po: &PhaseOps| -> Result<PhaseBgs> {
             let mut pb = PhaseBgs {
                 qkv: Vec::new(),
@@ -738,6 +764,7 @@ impl Workspace {
                 score_tok,
                 score_out,
                 bg_score,
+                bg_score_heads,
                 pre,
                 step,
                 _keep: keep,
@@ -954,6 +981,10 @@ impl Engine {
             step: PhaseOps::new(&ctx, Tile::Gemv, dims.hd, 16, 4)?,
             select: Select::new(&ctx)?,
             score: Score::new(&ctx)?,
+            score_heads: Matmul::new(
+                &ctx,
+                MatmulSpec::new(ALoad::Rms, Epi::Store, Tile::Gemv).strided(),
+            )?,
         };
         Ok(Engine {
             inner: Arc::new(Inner {
@@ -1171,12 +1202,14 @@ impl Engine {
         l_upper: usize,
     ) -> Result<()> {
         self.record_forward_ops(
-            rec, ws, b, prefill, vis_frames, vis_frame, l_upper, None, false,
+            rec, ws, b, prefill, vis_frames, vis_frame, l_upper, None, false, None,
         )
     }
 
     /// [`record_forward`](Self::record_forward), optionally only the `only`-th dispatch of
     /// the forward (for profiling) and with the done-flag skip disabled (`force`).
+    /// `tokens`: a teacher-forced score forward of that many token slots instead (prefill
+    /// kernels; every slot a token, `lead` = `pos_stride` = `nt` = tokens; no heads).
     #[allow(clippy::too_many_arguments)]
     fn record_forward_ops(
         &self,
@@ -1189,15 +1222,21 @@ impl Engine {
         l_upper: usize,
         only: Option<usize>,
         force: bool,
+        tokens: Option<usize>,
     ) -> Result<()> {
         let i = &self.inner;
         let (d, o) = (&i.dims, &i.off);
+        let prefill = prefill || tokens.is_some();
         let (ops, bgs) = if prefill {
             (&i.ops.pre, &ws.pre)
         } else {
             (&i.ops.step, &ws.step)
         };
-        let nt = if prefill { d.nt_pre() } else { d.k };
+        let (nt, lead, pos_stride) = match tokens {
+            Some(n) => (n, n, n),
+            None if prefill => (d.nt_pre(), d.k, d.nt_pre()),
+            None => (d.k, d.k, d.nt_pre()),
+        };
         let chunk = if prefill { CHUNK_PRE } else { CHUNK_DEC };
         let nchunk = l_upper.div_ceil(chunk).max(1);
         let skip = u32::from(!prefill && !force);
@@ -1214,7 +1253,7 @@ impl Engine {
             nt: nt as u32,
             batch: b as u32,
             cap: ws.spec.cap as u32,
-            lead: d.k as u32,
+            lead: lead as u32,
             skip_if_done: skip,
             eps: d.eps_rms,
             vis_frames: vis_frames as u32,
@@ -1222,7 +1261,7 @@ impl Engine {
             heads: d.heads as u32,
             head_dim: d.hd as u32,
             a_off: o.embed as u32,
-            pos_stride: d.nt_pre() as u32,
+            pos_stride: pos_stride as u32,
             ..Default::default()
         };
         let ap = AttnParams {
@@ -1288,7 +1327,7 @@ impl Engine {
             g_off: o.norm as u32,
             ..base
         };
-        if take() {
+        if tokens.is_none() && take() {
             ops.head.record(rec, &bgs.head, &hp)?;
         }
         Ok(())
@@ -1589,21 +1628,25 @@ impl Engine {
         i.ctx.write(&ws.kvmask, 0, &kvmask);
         i.ctx.write(&ws.score_tok, 0, tokens);
 
-        // One plan image per forward of a frame: the header words, then plan_tok/plan_pos.
+        // One plan image per forward of a frame: the header words, then the plan (the vision
+        // forward's layout: K token slots + patches; a token forward's: sl slots, sl positions).
+        let sl = d.score_lead();
         let plan_at = layout::plan_tok_base(b);
-        let plan_words = b * k + b * ntp;
+        let plan_words = (b * k + b * ntp).max(2 * b * sl);
         let img_words = layout::S_HDR + plan_words;
-        let max_fwd = 1 + d.nv.div_ceil(k);
+        let max_fwd = 1 + d.nv.div_ceil(sl);
         let plans = i
             .ctx
             .storage("score plans", (max_fwd * img_words * 4) as u64)?;
         let out_bytes = (2 * b * n_all * 4) as u64;
         let staging = i.ctx.staging("scores readback", out_bytes)?;
-        let sp = ScoreParams {
+        let gather = |rows: usize| ScoreParams {
             batch: b as u32,
             vocab: d.vocab as u32,
             k: k as u32,
             nslots: n_all as u32,
+            rows: rows as u32,
+            ..Default::default()
         };
         let mut off = 0usize; // cache index of the frame's first vision token
         let mut so = 0usize; // the frame's first slot
@@ -1621,44 +1664,46 @@ impl Engine {
                     self.record_vision(&mut rec, ws, b, nc, t0, (h, w))?;
                 }
                 let n = frame_lens[t0 + j];
-                let groups = n.div_ceil(k);
-                let mut img = vec![0u32; (1 + groups) * img_words];
-                for f in 0..=groups {
+                // Forward 0: the vision tokens (token slots idle), heads at the last one;
+                // forward c + 1: slots [c sl, c sl + len) right-aligned in sl token slots,
+                // heads at the ends of its whole groups of K.
+                let chunks = n.div_ceil(sl);
+                let mut img = vec![0u32; (1 + chunks) * img_words];
+                let mut fwd = Vec::with_capacity(1 + chunks); // (first, heads rows)
+                for f in 0..=chunks {
                     let im = &mut img[f * img_words..(f + 1) * img_words];
-                    // Forward 0: the vision tokens (token slots idle); forward g + 1: slots
-                    // gK.. of the frame, right-aligned.
-                    let (first, base) = if f == 0 {
-                        (k, off as i64 - k as i64)
+                    let (lead, nt, first, base, slot) = if f == 0 {
+                        (k, ntp, k, off as i64 - k as i64, so)
                     } else {
-                        let first = k - k.min(n - (f - 1) * k);
-                        (first, (off + p + (f - 1) * k) as i64 - first as i64)
+                        let s0 = (f - 1) * sl;
+                        let first = sl - sl.min(n - s0);
+                        let base = (off + p + s0) as i64 - first as i64;
+                        (sl, sl, first, base, so + s0 + k)
                     };
                     im[layout::S_BASE] = base as i32 as u32;
                     im[layout::S_FIRST] = first as u32;
                     im[layout::S_DONE] = 0;
-                    im[layout::S_SC_SLOT] = (so + f * k) as u32;
+                    im[layout::S_SC_SLOT] = slot as u32;
                     im[layout::S_SC_START] = so as u32;
                     im[layout::S_SC_END] = (so + n) as u32;
-                    let (ptok, ppos) = im[layout::S_HDR..].split_at_mut(b * k);
-                    let nt = if f == 0 { ntp } else { k };
+                    let (ptok, ppos) = im[layout::S_HDR..].split_at_mut(b * lead);
                     for r in 0..b {
-                        for sl in 0..k {
-                            ptok[r * k + sl] = pad;
-                        }
-                        for sl in first..nt {
-                            let c = (base + sl as i64) as usize;
-                            ppos[r * ntp + sl] = pos[r * seq + c];
+                        ptok[r * lead..(r + 1) * lead].fill(pad);
+                        for s in first..nt {
+                            let c = (base + s as i64) as usize;
+                            ppos[r * nt + s] = pos[r * seq + c];
                             if f > 0 {
-                                ptok[r * k + sl] =
-                                    tokens[r * n_all + so + (f - 1) * k + sl - first];
+                                ptok[r * lead + s] =
+                                    tokens[r * n_all + so + (f - 1) * sl + s - first];
                             }
                         }
                     }
+                    fwd.push((first, if f == 0 { 1 } else { (nt - first) / k }));
                 }
                 i.ctx.write(&plans, 0, &img);
                 let l_upper = off + p + n;
                 let hb = (layout::S_HDR * 4) as u64;
-                for f in 0..=groups {
+                for (f, &(first, rows)) in fwd.iter().enumerate() {
                     let at = (f * img_words * 4) as u64;
                     let enc = rec.encoder();
                     enc.copy_buffer_to_buffer(&plans, at, &ws.state, 0, hb);
@@ -1669,8 +1714,43 @@ impl Engine {
                         (plan_at * 4) as u64,
                         (plan_words * 4) as u64,
                     );
-                    self.record_forward(&mut rec, ws, b, f == 0, nc, j, l_upper)?;
-                    i.ops.score.record(&mut rec, &ws.bg_score, &sp)?;
+                    if f == 0 {
+                        self.record_forward(&mut rec, ws, b, true, nc, j, l_upper)?;
+                    } else {
+                        self.record_forward_ops(
+                            &mut rec,
+                            ws,
+                            b,
+                            true,
+                            nc,
+                            j,
+                            l_upper,
+                            None,
+                            true,
+                            Some(sl),
+                        )?;
+                        if rows == 0 {
+                            continue; // a lone partial group: no row of it is scored
+                        }
+                        let hp = MatmulParams {
+                            m: (b * rows) as u32,
+                            n: d.head_rows() as u32,
+                            k: d.c as u32,
+                            ldc: d.head_rows() as u32,
+                            w_off: i.off.head as u32,
+                            g_off: i.off.norm as u32,
+                            eps: d.eps_rms,
+                            nt: sl as u32,
+                            rows_per: rows as u32,
+                            row_last: (first + rows * k - 1) as u32,
+                            row_step: k as u32,
+                            ..Default::default()
+                        };
+                        i.ops
+                            .score_heads
+                            .record(&mut rec, &ws.bg_score_heads, &hp)?;
+                    }
+                    i.ops.score.record(&mut rec, &ws.bg_score, &gather(rows))?;
                 }
                 off += p + n;
                 so += n;
@@ -1874,7 +1954,18 @@ impl Engine {
                     format!("L{} {}", op / 5, names[op % 5])
                 };
                 time(format!("{tag} {name}"), &mut |rec| {
-                    self.record_forward_ops(rec, ws, b, prefill, 1, 0, l_upper, Some(op), force)
+                    self.record_forward_ops(
+                        rec,
+                        ws,
+                        b,
+                        prefill,
+                        1,
+                        0,
+                        l_upper,
+                        Some(op),
+                        force,
+                        None,
+                    )
                 })?;
             }
         }

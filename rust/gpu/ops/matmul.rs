@@ -85,6 +85,8 @@ pub struct MatmulSpec {
     pub epi: Epi,
     pub tile: Tile,
     pub last: bool,
+    /// A rows strided through each batch row (`rows_per`, `row_last`, `row_step`).
+    pub strided: bool,
     pub bias: bool,
     pub relu: bool,
     pub addrow: bool,
@@ -99,6 +101,7 @@ impl MatmulSpec {
             epi,
             tile,
             last: false,
+            strided: false,
             bias: false,
             relu: false,
             addrow: false,
@@ -119,6 +122,10 @@ impl MatmulSpec {
     }
     pub fn last(mut self) -> Self {
         self.last = true;
+        self
+    }
+    pub fn strided(mut self) -> Self {
+        self.strided = true;
         self
     }
     pub fn dec(mut self) -> Self {
@@ -152,6 +159,7 @@ impl MatmulSpec {
             .define("EPI", epi)
             .define("NORM", b(matches!(self.a, ALoad::Rms | ALoad::Embed)))
             .define("LAST", b(self.last))
+            .define("STRIDED", b(self.strided))
             .define("BIAS", b(self.bias))
             .define("RELU", b(self.relu))
             .define("ADDROW", b(self.addrow))
@@ -192,6 +200,9 @@ pub struct MatmulParams {
     pub a_off: u32,
     pub pos_stride: u32,
     pub t0: u32,
+    pub rows_per: u32,
+    pub row_last: u32,
+    pub row_step: u32,
 }
 
 /// Buffers a matmul variant may bind besides A, the weights and the output.
@@ -525,6 +536,36 @@ mod tests {
             let (got, _, _) = run(spec, &a, &wts, &vec![0.0; b * n], p2, None, 0, None, 0);
             assert_close(
                 &format!("matmul rmsnorm last slot {tile:?}"),
+                &got,
+                &want,
+                2e-5,
+                1e-5,
+            );
+        }
+        // Strided rows: 2 per batch row of nt = 7 slots, every 3 slots ending at slot 5
+        // (slots 2 and 5), as the score's heads at group ends.
+        let (per, last_slot, step) = (2usize, 5usize, 3usize);
+        let rows: Vec<f32> = (0..b)
+            .flat_map(|r| {
+                (0..per).flat_map(move |j| {
+                    let s = last_slot - (per - 1 - j) * step;
+                    (r * nt + s) * k..(r * nt + s + 1) * k
+                })
+            })
+            .map(|i| a[i])
+            .collect();
+        let want = matmul_cpu(&rmsnorm_cpu(&rows, &g, k, 1e-5), &w, b * per, n, k);
+        let mut p3 = p2;
+        p3.m = (b * per) as u32;
+        p3.rows_per = per as u32;
+        p3.row_last = last_slot as u32;
+        p3.row_step = step as u32;
+        for tile in [Tile::Small, Tile::Gemv] {
+            let spec = MatmulSpec::new(ALoad::Rms, Epi::Store, tile).strided();
+            let out0 = vec![0.0; b * per * n];
+            let (got, _, _) = run(spec, &a, &wts, &out0, p3, None, 0, None, 0);
+            assert_close(
+                &format!("matmul rmsnorm strided rows {tile:?}"),
                 &got,
                 &want,
                 2e-5,

@@ -17,6 +17,11 @@ pub struct ScoreParams {
     pub vocab: u32,
     pub k: u32,
     pub nslots: u32,
+    /// Heads rows per batch row in `logits`.
+    pub rows: u32,
+    pub _p0: u32,
+    pub _p1: u32,
+    pub _p2: u32,
 }
 
 /// Threads per workgroup in the WGSL (one per head).
@@ -33,7 +38,7 @@ impl Score {
         })
     }
 
-    /// `gen` state (reads `S_SC_*`), `logits` [B, K*V + K], `tok` [B, nslots] u32,
+    /// `gen` state (reads `S_SC_*`), `logits` [B, rows, K*V + K], `tok` [B, nslots] u32,
     /// `out` [2, B, nslots] f32 (gaze_probs then task_loss_prediction).
     pub fn bind(
         &self,
@@ -58,13 +63,13 @@ impl Score {
         bg: &wgpu::BindGroup,
         p: &ScoreParams,
     ) -> Result<()> {
-        if p.k == 0 || p.k > MAX_HEADS || p.vocab == 0 {
+        if p.k == 0 || p.k > MAX_HEADS || p.vocab == 0 || p.rows == 0 {
             return Err(Error::Backend(format!(
                 "score kernel launched with K = {} (1..={MAX_HEADS}) and V = {}",
                 p.k, p.vocab
             )));
         }
-        rec.dispatch(&self.kernel, bg, p, [p.batch, 1, 1])
+        rec.dispatch(&self.kernel, bg, p, [p.batch, p.rows, 1])
     }
 }
 
@@ -74,23 +79,24 @@ mod tests {
     use crate::gpu::ops::select::layout::{S_SC_END, S_SC_SLOT, S_SC_START, words};
     use crate::gpu::ops::testutil::{Rng, assert_close, ctx};
 
-    /// Random logits and ids; for several (s0, start, end) windows, including the first
-    /// group of a frame (no head-0 task loss), a partial last group and a window at the end
-    /// of the row, the outputs equal a CPU softmax and gather; other slots stay untouched.
+    /// Random logits and ids; for several (s0, start, end) windows and 1-3 heads rows,
+    /// including the first group of a frame (no head-0 task loss), a partial last group and
+    /// a window at the end of the row, the outputs equal a CPU softmax and gather; other
+    /// slots stay untouched.
     #[test]
     fn score_matches_cpu() {
         let ctx = ctx();
         let op = Score::new(ctx).unwrap();
         let (k, v) = (3usize, 7usize);
-        for (seed, b, nslots, s0, start, end) in [
-            (1u64, 2usize, 11usize, 0usize, 0usize, 5usize),
-            (2, 3, 11, 3, 0, 5),
-            (3, 1, 13, 9, 6, 13),
-            (4, 5, 9, 6, 3, 8),
+        for (seed, b, rows, nslots, s0, start, end) in [
+            (1u64, 2usize, 1usize, 11usize, 0usize, 0usize, 5usize),
+            (2, 3, 1, 11, 3, 0, 5),
+            (3, 1, 2, 13, 6, 6, 13),
+            (4, 5, 3, 13, 3, 3, 11),
         ] {
             let mut rng = Rng(seed);
             let rowlen = k * v + k;
-            let logits = rng.vec(b * rowlen, 4.0);
+            let logits = rng.vec(b * rows * rowlen, 4.0);
             let tok: Vec<u32> = (0..b * nslots)
                 .map(|_| rng.below(v as u64) as u32)
                 .collect();
@@ -112,6 +118,8 @@ mod tests {
                 vocab: v as u32,
                 k: k as u32,
                 nslots: nslots as u32,
+                rows: rows as u32,
+                ..Default::default()
             };
             let mut rec = Recorder::new(ctx, &mut arena);
             op.record(&mut rec, &bg, &p).unwrap();
@@ -120,18 +128,21 @@ mod tests {
 
             let mut want = vec![sentinel; 2 * b * nslots];
             for r in 0..b {
-                let row = &logits[r * rowlen..(r + 1) * rowlen];
-                for h in 0..k {
-                    let s = s0 + h;
-                    if s < end {
-                        let head = &row[h * v..(h + 1) * v];
-                        let m = head.iter().fold(f32::MIN, |a, &x| a.max(x));
-                        let sum: f32 = head.iter().map(|&x| (x - m).exp()).sum();
-                        let id = tok[r * nslots + s] as usize;
-                        want[r * nslots + s] = (head[id] - m).exp() / sum;
-                    }
-                    if s0 + h > start && s0 + h - 1 < end {
-                        want[(b + r) * nslots + s0 + h - 1] = row[k * v + h];
+                for j in 0..rows {
+                    let row = &logits[(r * rows + j) * rowlen..(r * rows + j + 1) * rowlen];
+                    let sj = s0 + j * k;
+                    for h in 0..k {
+                        let s = sj + h;
+                        if s < end {
+                            let head = &row[h * v..(h + 1) * v];
+                            let m = head.iter().fold(f32::MIN, |a, &x| a.max(x));
+                            let sum: f32 = head.iter().map(|&x| (x - m).exp()).sum();
+                            let id = tok[r * nslots + s] as usize;
+                            want[r * nslots + s] = (head[id] - m).exp() / sum;
+                        }
+                        if s > start && s - 1 < end {
+                            want[(b + r) * nslots + s - 1] = row[k * v + h];
+                        }
                     }
                 }
             }
