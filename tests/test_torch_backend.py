@@ -161,3 +161,23 @@ def test_dropped_stream_hands_its_state_back(torch_model):
     del s
     gc.collect()
     assert be.acquire_state(*st.key) is st
+
+
+@pytest.mark.parametrize("small_ops", [False, True])
+def test_decode_loop_matches_the_reference_to_exhaustion(rand_dir, small_ops):
+    """The shape-static decode step (all heads' budget/exhaustion decided at once, products +
+    sums for few rows) gives the reference's tokens: whole frames of 265 slots that end by
+    exhaustion, and task-loss stops with finished rows, over a batch of 2 on other weights."""
+    pv = np.random.default_rng(5).normal(size=(2, 3, 3, 224, 224)).astype(np.float32)
+    ref = ag.AutoGaze.from_pretrained(rand_dir, backend="reference", device=DEVICE)
+    model = ag.AutoGaze.from_pretrained(rand_dir, backend="torch", device=DEVICE)
+    model.backend.small_ops = small_ops  # the CUDA default for few rows; eager GEMMs otherwise
+    lens = []
+    for kw in ({"gazing_ratio": 1.0}, {"gazing_ratio": 0.6, "task_loss_requirement": 0.8}):
+        want, got = ref.generate(pv, **kw), model.generate(pv, **kw)
+        np.testing.assert_array_equal(got.num_gazing_each_frame, want.num_gazing_each_frame)
+        np.testing.assert_array_equal(got.gazing_pos, want.gazing_pos)
+        np.testing.assert_array_equal(got.if_padded_gazing, want.if_padded_gazing)
+        lens.append(want)
+    assert (lens[0].num_gazing_each_frame == 265).all()  # every id taken: exhaustion ends them
+    assert lens[1].if_padded_gazing.any()  # task-loss stops (pads) happened

@@ -113,11 +113,19 @@ class DecodeState:
         for i, layer in enumerate(dec.model.layers):
             attn = layer.self_attn
             h = layer.input_layernorm(x)
-            q = lin(h, w[attn.q_proj]).view(B, L, attn.n_head, attn.head_dim).transpose(1, 2)
-            k = lin(h, w[attn.k_proj]).view(B, L, attn.n_head, attn.head_dim).transpose(1, 2)
-            v = lin(h, w[attn.v_proj]).view(B, L, attn.n_head, attn.head_dim).transpose(1, 2)
-            q = q * cos + rotate_half(q) * sin
-            k = k * cos + rotate_half(k) * sin
+            if small:
+                w_qkv, w_gu = self.backend.fused_weights[i]
+                qkv = _gemv(h, w_qkv).view(B, L, 3, attn.n_head, attn.head_dim)
+                c, s = cos[:, 0, :, None, None], sin[:, 0, :, None, None]  # (B, L, 1, 1, hd)
+                qk = qkv[:, :, :2] * c + rotate_half(qkv[:, :, :2]) * s
+                q, k = qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2)
+                v = qkv[:, :, 2].transpose(1, 2)
+            else:
+                q = lin(h, w[attn.q_proj]).view(B, L, attn.n_head, attn.head_dim).transpose(1, 2)
+                k = lin(h, w[attn.k_proj]).view(B, L, attn.n_head, attn.head_dim).transpose(1, 2)
+                v = lin(h, w[attn.v_proj]).view(B, L, attn.n_head, attn.head_dim).transpose(1, 2)
+                q = q * cos + rotate_half(q) * sin
+                k = k * cos + rotate_half(k) * sin
             # The cache stays float32 in every mode (.to is a no-op in float32).
             self.k_cache[i].index_copy_(2, slots, k.to(self.k_cache.dtype))
             self.v_cache[i].index_copy_(2, slots, v.to(self.v_cache.dtype))
@@ -132,7 +140,11 @@ class DecodeState:
             x = x + lin(y.transpose(1, 2).reshape(B, L, -1), w[attn.o_proj])
             m = layer.mlp
             hm = layer.post_attention_layernorm(x)
-            x = x + lin(F.silu(lin(hm, w[m.gate_proj])) * lin(hm, w[m.up_proj]), w[m.down_proj])
+            if small:
+                gate, up = _gemv(hm, w_gu).chunk(2, dim=-1)
+                x = x + lin(F.silu(gate) * up, w[m.down_proj])
+            else:
+                x = x + lin(F.silu(lin(hm, w[m.gate_proj])) * lin(hm, w[m.up_proj]), w[m.down_proj])
         hf = dec.model.norm(x[:, -1])
         K, V = dec.cfg.num_multi_token_pred, dec.cfg.vocab_size
         logits = lin(hf, w[dec.lm_head]).view(B, K, V)
@@ -254,25 +266,24 @@ class DecodeState:
         active = ~self.done
         scores = self.logits.masked_fill(self.chosen[:, None, :], neg_inf)
         scores[..., pad] = neg_inf
-        remaining = self.budget - self.n_frame
-        alive = active.clone()
-        exhausted = torch.zeros((), dtype=torch.bool, device=scores.device)
-        picked, valid = [], []
+        # Which heads' slots the step keeps, all at once (select_step decides them head by
+        # head): head k's row is all -inf exactly when a row has no more than k ids left,
+        # because heads 0..k-1 each masked one distinct id (the logits are finite). The step
+        # stops at the first head past the budget or exhausted for an unfinished row.
+        left = (~self.chosen).sum(-1) - (~self.chosen[:, pad]).long()  # ids a row may still pick
+        exh = ((left[:, None] <= self.arange_k[None]) & ~self.finished[:, None]).any(0)  # (K,)
+        in_budget = (self.budget - self.n_frame) > self.arange_k  # (K,)
+        valid = active & torch.cumprod(in_budget & ~exh, 0).bool()  # (K,)
+        reached = torch.cat([active[None], valid[:-1]])  # head k's turn came
+        exhausted = (reached & in_budget & exh).any()
+        picked = []
         for k in range(K):
-            row = scores[:, k]
-            exh = (torch.isneginf(row).all(-1) & ~self.finished).any()
-            in_budget = remaining > k
-            exhausted = exhausted | (alive & in_budget & exh)
-            ok = alive & in_budget & ~exh
-            alive = ok
-            tok = row.argmax(-1)
+            tok = scores[:, k].argmax(-1)
             if k + 1 < K:  # scatter, not index_put: no host tensors during graph capture
                 later = scores[:, k + 1 :]
                 later.scatter_(-1, tok[:, None, None].expand(B, K - k - 1, 1), neg_inf)
-            picked.append(torch.where(self.finished, pad, tok))
-            valid.append(ok)
-        step = torch.stack(picked, dim=1)  # (B, K)
-        valid = torch.stack(valid)  # (K,)
+            picked.append(tok)
+        step = torch.where(self.finished[:, None], pad, torch.stack(picked, dim=1))  # (B, K)
         meet = (self.task_loss <= self.requirement) & valid[None] & self.has_requirement
         meet[:, 0] &= ~self.first
         step = torch.where(meet, pad, step)
@@ -349,6 +360,16 @@ class TorchBackend(ReferenceBackend):
             a, m = layer.self_attn, layer.mlp
             mods += [a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj]
         self.gemm_weights = {mod: mod.weight.detach().to(gemm_dtype) for mod in mods}
+        # The few-row path computes q/k/v and gate/up as one product each (the same sum per
+        # output; 3 + 2 products become 2 per layer, and RoPE runs once on q and k together).
+        w = self.gemm_weights
+        self.fused_weights = [
+            (
+                torch.cat([w[layer.self_attn.q_proj], w[layer.self_attn.k_proj], w[layer.self_attn.v_proj]]),
+                torch.cat([w[layer.mlp.gate_proj], w[layer.mlp.up_proj]]),
+            )
+            for layer in dec.model.layers
+        ]
         self._states: collections.OrderedDict[tuple[int, int], DecodeState] = collections.OrderedDict()
         self._pool_lock = threading.Lock()
         # States of dropped streams: appended without a lock (it may happen inside garbage
