@@ -12,7 +12,7 @@ use std::sync::OnceLock;
 use safetensors::SafeTensors;
 use safetensors::tensor::Dtype;
 
-use super::engine::{Engine, GenerateOutput, GenerateParams, fixtures_dir};
+use super::engine::{Engine, Frames, GenerateOutput, GenerateParams, fixtures_dir};
 
 struct Case {
     f32s: HashMap<String, (Vec<usize>, Vec<f32>)>,
@@ -326,6 +326,93 @@ fn parity_generate_c_requirement_only() {
         .generate(&px, &shape, &params(shape[1], 1.0, Some(0.7)))
         .expect("generate c");
     check_tokens("c", &out, &load_case("c"));
+}
+
+/// The processor's float value of each uint8 level per channel (the release config: x / 127.5
+/// - 1, then ImageNet normalisation), as `RawFrames.normalization_table` gives it.
+fn release_lut() -> Vec<f32> {
+    let mean = [0.485f32, 0.456, 0.406];
+    let std = [0.229f32, 0.224, 0.225];
+    (0..768)
+        .map(|i| {
+            let (c, v) = (i / 256, (i % 256) as f64);
+            ((v * (1.0 / 127.5)) as f32 - 1.0 - mean[c]) / std[c]
+        })
+        .collect()
+}
+
+/// Case a from its uint8 frames through the GPU preprocessing (224x224 frames: the
+/// normalisation-only pass): the official tokens, also with the frames uploaded in chunks
+/// of 5 frames per submit.
+#[test]
+fn parity_generate_a_from_uint8_frames() {
+    let e = engine();
+    let a = load_case("a");
+    let (shape, raw) = &a.u8s["raw_frames"];
+    let lut = release_lut();
+    let frames = Frames::uint8(raw, shape, (shape[2], shape[3]), &lut).expect("frames");
+    let p = params(shape[1], 0.75, Some(0.7));
+    check_tokens(
+        "a (uint8)",
+        &e.generate_frames(&frames, &p).expect("generate"),
+        &a,
+    );
+    e.set_max_chunk_frames(5);
+    let chunked = e.generate_frames(&frames, &p);
+    e.set_max_chunk_frames(0);
+    check_tokens(
+        "a (uint8, chunks of 5)",
+        &chunked.expect("generate chunked"),
+        &a,
+    );
+}
+
+/// Bad uint8 input is refused with an input error, never a panic.
+#[test]
+fn uint8_frames_are_checked() {
+    let lut = release_lut();
+    let bytes = vec![0u8; 2 * 3 * 4 * 3];
+    assert!(Frames::uint8(&bytes, &[1, 2, 3, 4, 3], (5, 6), &lut).is_ok());
+    for (shape, out, what) in [
+        (vec![1usize, 2, 3, 4], (5usize, 6usize), "rank"),
+        (vec![1, 2, 3, 4, 4], (5, 6), "channels"),
+        (vec![1, 2, 3, 4, 2], (5, 6), "length"),
+        (vec![1, 0, 3, 4, 3], (5, 6), "empty"),
+        (vec![1, 2, 3, 4, 3], (0, 6), "empty output"),
+        (vec![usize::MAX, 2, 3, 4, 3], (5, 6), "overflow"),
+    ] {
+        let err = Frames::uint8(&bytes, &shape, out, &lut).expect_err(what);
+        assert!(
+            matches!(err, crate::error::Error::Input(_)),
+            "{what}: {err}"
+        );
+    }
+    assert!(Frames::uint8(&bytes, &[1, 2, 3, 4, 3], (5, 6), &lut[..767]).is_err());
+    let mut bad = lut.clone();
+    bad[9] = f32::NAN;
+    assert!(Frames::uint8(&bytes, &[1, 2, 3, 4, 3], (5, 6), &bad).is_err());
+}
+
+/// Score input is checked against the video: frame count, slots per frame, ids.
+#[test]
+fn score_input_is_checked() {
+    let e = engine();
+    let px = vec![0.0f32; 2 * 3 * 8 * 8];
+    let shape = [1usize, 2, 3, 8, 8];
+    for (lens, toks, what) in [
+        (vec![2usize], vec![1u32, 2], "frame count"),
+        (vec![2, 1], vec![1, 2], "token count"),
+        (vec![266, 0], vec![0; 266], "slots per frame"),
+        (vec![1, 1], vec![1, 266], "id"),
+    ] {
+        let err = e.score(&px, &shape, &lens, &toks).expect_err(what);
+        assert!(
+            matches!(err, crate::error::Error::Input(_)),
+            "{what}: {err}"
+        );
+    }
+    let (gp, tl) = e.score(&px, &shape, &[0, 0], &[]).expect("no slots");
+    assert!(gp.is_empty() && tl.is_empty());
 }
 
 #[test]
