@@ -10,9 +10,6 @@
 // use 4 lanes: 4x the threads loading the cache and a 4x shorter chain per thread.
 // `merge`: one thread per (row, slot, head, dim) combines the chunks into the attention
 // output [B, nt, heads * HD] (read by o_proj).
-// `merge_oproj` (OPROJ, decode steps): one workgroup per (row, slot) merges the chunks of all
-// heads and applies o_proj and the residual itself, x += merged W_o^T: one dispatch fewer per
-// layer, where a decode step's dispatches cost more than their work.
 //
 // Query slot i of batch row b sits at cache index c_i = base + i and sees keys 0..=c_i whose
 // 0/1 key mask is set. Scores are (q . k) * scale, as the eager reference computes them.
@@ -26,10 +23,6 @@ struct Params {
     heads: u32,
     skip_if_done: u32,
     scale: f32,
-    wo_off: u32,      // OPROJ: o_proj^T [C, C] in `wts`
-    _p0: u32,
-    _p1: u32,
-    _p2: u32,
 }
 
 const QT: u32 = {{QT}}u;
@@ -48,13 +41,6 @@ const MASK_LOADS: u32 = max(KT / NT, 1u);
 @group(0) @binding(3) var<storage, read> kv: array<vec4<f32>>;       // [B, cap, 2, heads*HD]
 @group(0) @binding(4) var<storage, read> kvmask: array<u32>;         // [B, cap]
 @group(0) @binding(5) var<storage, read_write> part: array<f32>;     // [B, heads, nt, nchunk, HD+2]
-#if OPROJ
-@group(0) @binding(6) var<storage, read> wts: array<f32>;            // packed weights: o_proj^T [C, C] at wo_off
-@group(0) @binding(7) var<storage, read_write> x: array<f32>;        // decoder state [B, nt, C]
-
-const CDIM: u32 = {{CDIM}}u;  // heads * HD
-var<workgroup> att: array<f32, CDIM>;
-#endif
 
 var<workgroup> wg_flag: u32;
 var<workgroup> wg_base: u32;
@@ -267,61 +253,3 @@ fn merge(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
     }
     q[idx] = r;
 }
-
-#if OPROJ
-// The merge above for every head of one slot, then x[b, i] += merged W_o^T. W_o is read
-// transposed, so the threads of one step read consecutive words. Idle slots merge to zeros
-// and add nothing.
-@compute @workgroup_size(64)
-fn merge_oproj(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
-    if (li == 0u) {
-        wg_flag = gen[S_DONE] * p.skip_if_done;
-    }
-    if (workgroupUniformLoad(&wg_flag) != 0u) {
-        return;
-    }
-    let row = wg.x;  // b * nt + i
-    if (row >= p.batch * p.nt) {
-        return;
-    }
-    let b = row / p.nt;
-    let i = row % p.nt;
-    let st = HD + 2u;
-    for (var t = li; t < CDIM; t += 64u) {
-        let h = t / HD;
-        let d = t % HD;
-        let base = ((b * p.heads + h) * p.nt + i) * p.nchunk;
-        var mx = F32_LOWEST;
-        for (var c = 0u; c < p.nchunk; c++) {
-            let o = (base + c) * st;
-            if (part[o + 1u] > 0.0) {
-                mx = max(mx, part[o]);
-            }
-        }
-        var num = 0.0;
-        var den = 0.0;
-        for (var c = 0u; c < p.nchunk; c++) {
-            let o = (base + c) * st;
-            let lc = part[o + 1u];
-            if (lc > 0.0) {
-                let w = exp(part[o] - mx);
-                num += w * part[o + 2u + d];
-                den += w * lc;
-            }
-        }
-        var r = 0.0;
-        if (den > 0.0) {
-            r = num / den;
-        }
-        att[t] = r;
-    }
-    workgroupBarrier();
-    for (var n = li; n < CDIM; n += 64u) {
-        var s = 0.0;
-        for (var k = 0u; k < CDIM; k++) {
-            s += att[k] * wts[p.wo_off + k * CDIM + n];
-        }
-        x[row * CDIM + n] = x[row * CDIM + n] + s;
-    }
-}
-#endif

@@ -746,51 +746,6 @@ def test_attention_and_merge(gpu, b, heads, hd, qt, lanes, nt, base, first, cap,
                      got[2], want, 2e-5, 1e-5)  # fmt: skip
 
 
-@pytest.mark.parametrize(
-    "b,heads,hd,qt,lanes,nt,base,first,cap,chunk",
-    [
-        (2, 6, 32, 16, 4, 10, 213, 0, 256, 128),  # a decode step of the model's shape
-        (1, 3, 8, 16, 4, 13, 0, 0, 13, 32),  # chunk past the cache's end
-        (2, 2, 8, 4, 1, 7, 45, 1, 80, 32),  # idle slot, one lane
-    ],
-)
-def test_attention_merge_oproj(gpu, b, heads, hd, qt, lanes, nt, base, first, cap, chunk):
-    """Decode steps' fused merge: x + attention(q, K, V) W_o^T, with W_o^T in `wts`."""
-    c = heads * hd
-    defs = {"HEAD_DIM": hd, "QT": qt, "LANES": lanes, "OPROJ": 1, "CDIM": c}
-    main = gpu.kernel("attention", "main", **defs)
-    fused = gpu.kernel("attention", "merge_oproj", **defs)
-    nchunk = math.ceil((base + nt) / chunk)
-    rng = np.random.default_rng(nt * 7 + hd)
-    q, kv, x0 = rand(rng, b, nt, c), rand(rng, b, cap, 2, c), rand(rng, b, nt, c)
-    kvmask = (rng.integers(0, 4, size=(b, cap)) != 0).astype(np.uint32)
-    kvmask[:, 0] = 1
-    wo = rand(rng, c, c)
-    wts = np.concatenate([rand(rng, 5), wo.T.ravel()]).astype(np.float32)  # W_o^T at offset 5
-    gen = np.zeros(S_HDR, np.uint32)
-    gen[S_BASE], gen[S_FIRST] = np.int32(base).view(np.uint32), first
-    scale = np.float32(1.0 / math.sqrt(hd))
-    part = np.zeros((b, heads, nt, nchunk, hd + 2), np.float32)
-    params = main.pack(batch=b, nt=nt, cap=cap, nchunk=nchunk, chunk=chunk, heads=heads,
-                       skip_if_done=1, scale=scale, wo_off=5)  # fmt: skip
-    got = gpu.run(
-        [(main, (math.ceil(nt / qt), nchunk, b * heads)), (fused, (b * nt, 1, 1))],  # record_oproj
-        params,
-        {1: gen, 2: q, 3: kv, 4: kvmask, 5: part, 6: wts, 7: x0},
-        read=(7,),
-    )
-    Q = t64(q).reshape(b, nt, heads, hd).transpose(1, 2)
-    K = t64(kv[:, :, 0]).reshape(b, cap, heads, hd).transpose(1, 2)
-    V = t64(kv[:, :, 1]).reshape(b, cap, heads, hd).transpose(1, 2)
-    ci = base + torch.arange(nt)
-    allowed = (torch.arange(cap)[None] <= ci[:, None])[None] & torch.from_numpy(kvmask != 0)[:, None]
-    scores = (Q @ K.transpose(-1, -2)) * float(scale)
-    out = (scores.masked_fill(~allowed[:, None], float("-inf")).softmax(-1).nan_to_num(0.0) @ V)
-    out[:, :, :first] = 0.0  # idle slots add nothing
-    want = t64(x0) + out.transpose(1, 2).reshape(b, nt, c) @ t64(wo).T
-    assert_close(f"merge_oproj B{b} H{heads} hd{hd} nt{nt}", got[7], want, 5e-5, 1e-5)
-
-
 # ---------------------------------------------------------------------------------------------
 # select.wgsl: the greedy selection step, against the reference's select_step
 # ---------------------------------------------------------------------------------------------

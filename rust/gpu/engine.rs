@@ -202,7 +202,6 @@ struct LayerOff {
     in_g: usize,
     qkv: usize,
     o: usize,
-    o_t: usize,
     post_g: usize,
     gu: usize,
     down: usize,
@@ -305,14 +304,6 @@ fn pack(cfg: &AutoGazeConfig, d: &Dims, w: &Weights) -> Result<(Vec<f32>, Offset
             off
         };
         let o = push(&mut buf, &format!("{pre}self_attn.o_proj.weight"), c * c)?;
-        // o_proj^T for the decode steps' merge_oproj (consecutive threads, consecutive words).
-        let o_t = buf.len();
-        buf.resize(o_t + c * c, 0.0);
-        for n in 0..c {
-            for k in 0..c {
-                buf[o_t + k * c + n] = buf[o + n * c + k];
-            }
-        }
         let post_g = push(
             &mut buf,
             &format!("{pre}post_attention_layernorm.weight"),
@@ -335,7 +326,6 @@ fn pack(cfg: &AutoGazeConfig, d: &Dims, w: &Weights) -> Result<(Vec<f32>, Offset
             in_g,
             qkv,
             o,
-            o_t,
             post_g,
             gu,
             down,
@@ -382,27 +372,9 @@ struct PhaseOps {
 }
 
 impl PhaseOps {
-    /// Whether o_proj runs inside the attention merge in this phase.
-    fn fused_oproj(&self) -> bool {
-        self.attn.has_oproj()
-    }
-
-    /// `oproj_cdim`: fuse o_proj into the attention merge for this model width (decode).
-    fn new(
-        ctx: &GpuContext,
-        tile: Tile,
-        head_dim: usize,
-        qt: u32,
-        lanes: u32,
-        oproj_cdim: Option<usize>,
-    ) -> Result<Self> {
-        let attn = Attention::new(ctx, head_dim, qt, lanes)?;
-        let attn = match oproj_cdim {
-            Some(c) => attn.with_oproj(ctx, head_dim, c)?,
-            None => attn,
-        };
+    fn new(ctx: &GpuContext, tile: Tile, head_dim: usize, qt: u32, lanes: u32) -> Result<Self> {
         Ok(Self {
-            attn,
+            attn: Attention::new(ctx, head_dim, qt, lanes)?,
             qkv0: Matmul::new(ctx, MatmulSpec::new(ALoad::Embed, Epi::Qkv, tile))?,
             qkv: Matmul::new(ctx, MatmulSpec::new(ALoad::Rms, Epi::Qkv, tile))?,
             oproj: Matmul::new(
@@ -477,8 +449,6 @@ impl WsSpec {
 struct PhaseBgs {
     qkv: Vec<wgpu::BindGroup>,
     attn: Vec<wgpu::BindGroup>,
-    /// merge_oproj per layer (the decode phase).
-    attn_oproj: Vec<wgpu::BindGroup>,
     oproj: Vec<wgpu::BindGroup>,
     gateup: Vec<wgpu::BindGroup>,
     down: Vec<wgpu::BindGroup>,
@@ -635,8 +605,8 @@ impl Workspace {
         let b = spec.batch;
         let c = d.c;
         let frames_px = b * spec.frames;
-        // Distinct parameter blocks per frame: a generation frame ~48, a scored frame ~60.
-        let per_frame = if spec.score_slots > 0 { 64 } else { 56 };
+        // Distinct parameter blocks per frame: a generation frame ~45, a scored frame ~60.
+        let per_frame = if spec.score_slots > 0 { 64 } else { 48 };
         let arena = ParamArena::new(ctx, 64 + per_frame * spec.out_frames.max(1))?;
         // Teacher-forced scoring (score_slots > 0) also plans forwards of score_lead token
         // slots and takes the heads at up to score_lead / K rows per batch row.
@@ -726,7 +696,6 @@ impl Workspace {
             let mut pb = PhaseBgs {
                 qkv: Vec::new(),
                 attn: Vec::new(),
-                attn_oproj: Vec::new(),
                 oproj: Vec::new(),
                 gateup: Vec::new(),
                 down: Vec::new(),
@@ -757,12 +726,6 @@ impl Workspace {
                 pb.qkv.push(op.bind(ctx, &arena, a, wts, &q, ex)?);
                 pb.attn
                     .push(po.attn.bind(ctx, &arena, &state, &q, kvl, &kvmask, &part)?);
-                if po.fused_oproj() {
-                    pb.attn_oproj.push(
-                        po.attn
-                            .bind_oproj(ctx, &arena, &state, &q, kvl, &kvmask, &part, wts, &x)?,
-                    );
-                }
                 let exg = Extra {
                     state: Some(&state),
                     ..none
@@ -1014,8 +977,8 @@ impl Engine {
                     .bias()
                     .addrow(),
             )?,
-            pre: PhaseOps::new(&ctx, Tile::Large, dims.hd, 64, 1, None)?,
-            step: PhaseOps::new(&ctx, Tile::Gemv, dims.hd, 16, 4, Some(dims.c))?,
+            pre: PhaseOps::new(&ctx, Tile::Large, dims.hd, 64, 1)?,
+            step: PhaseOps::new(&ctx, Tile::Gemv, dims.hd, 16, 4)?,
             select: Select::new(&ctx)?,
             score: Score::new(&ctx)?,
             score_heads: Matmul::new(
@@ -1310,7 +1273,6 @@ impl Engine {
             heads: d.heads as u32,
             skip_if_done: skip,
             scale: 1.0 / (d.hd as f32).sqrt(),
-            ..Default::default()
         };
         for (l, lo) in o.layers.iter().enumerate() {
             let qp = MatmulParams {
@@ -1324,20 +1286,8 @@ impl Engine {
             if take() {
                 qop.record(rec, &bgs.qkv[l], &qp)?;
             }
-            // Decode steps: attention, then the merge with o_proj + residual (one dispatch
-            // fewer); prefill: attention + merge, then the o_proj GEMM.
-            let fused = ops.fused_oproj();
             if take() {
-                if fused {
-                    let apl = AttnParams {
-                        wo_off: lo.o_t as u32,
-                        ..ap
-                    };
-                    ops.attn
-                        .record_oproj(rec, &bgs.attn[l], &bgs.attn_oproj[l], &apl)?;
-                } else {
-                    ops.attn.record(rec, &bgs.attn[l], &ap, d.hd as u32)?;
-                }
+                ops.attn.record(rec, &bgs.attn[l], &ap, d.hd as u32)?;
             }
             let opp = MatmulParams {
                 n: c,
@@ -1345,7 +1295,7 @@ impl Engine {
                 w_off: lo.o as u32,
                 ..base
             };
-            if take() && !fused {
+            if take() {
                 ops.oproj.record(rec, &bgs.oproj[l], &opp)?;
             }
             let gp = MatmulParams {

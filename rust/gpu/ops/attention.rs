@@ -21,11 +21,6 @@ pub struct AttnParams {
     pub heads: u32,
     pub skip_if_done: u32,
     pub scale: f32,
-    /// `merge_oproj`: offset of o_proj^T in the packed weights.
-    pub wo_off: u32,
-    pub _p0: u32,
-    pub _p1: u32,
-    pub _p2: u32,
 }
 
 /// Keys per tile of the attention kernel (`KT` in the shader); chunks are multiples of it.
@@ -34,11 +29,8 @@ pub const KT: u32 = 32;
 pub struct Attention {
     kernel: Arc<Kernel>,
     merge: Arc<Kernel>,
-    /// The merge fused with o_proj + residual (decode steps), when built `with_oproj`.
-    merge_oproj: Option<Arc<Kernel>>,
-    /// Query slots per workgroup and threads per slot.
+    /// Query slots per workgroup.
     qt: u32,
-    lanes: u32,
 }
 
 impl Attention {
@@ -66,79 +58,8 @@ impl Attention {
         Ok(Self {
             kernel: ctx.kernel(&key("main"))?,
             merge: ctx.kernel(&key("merge"))?,
-            merge_oproj: None,
             qt,
-            lanes,
         })
-    }
-
-    /// Also builds `merge_oproj` for a model width of `cdim` = heads * head_dim: the merge,
-    /// o_proj and the residual in one dispatch ([`Attention::record_oproj`]).
-    pub fn with_oproj(mut self, ctx: &GpuContext, head_dim: usize, cdim: usize) -> Result<Self> {
-        let key = PipelineKey::new("attention", "merge_oproj")
-            .define("HEAD_DIM", head_dim)
-            .define("QT", self.qt)
-            .define("LANES", self.lanes)
-            .define("OPROJ", 1)
-            .define("CDIM", cdim);
-        self.merge_oproj = Some(ctx.kernel(&key)?);
-        Ok(self)
-    }
-
-    /// Whether `merge_oproj` was built (see [`Attention::with_oproj`]).
-    pub fn has_oproj(&self) -> bool {
-        self.merge_oproj.is_some()
-    }
-
-    /// The bind group of `merge_oproj`: `bind`'s buffers plus the packed weights and the
-    /// decoder state `x` [B, nt, C] it adds to.
-    #[allow(clippy::too_many_arguments)]
-    pub fn bind_oproj(
-        &self,
-        ctx: &GpuContext,
-        arena: &ParamArena,
-        state: &wgpu::Buffer,
-        q: &wgpu::Buffer,
-        kv: &wgpu::Buffer,
-        kvmask: &wgpu::Buffer,
-        part: &wgpu::Buffer,
-        wts: &wgpu::Buffer,
-        x: &wgpu::Buffer,
-    ) -> Result<wgpu::BindGroup> {
-        let k = self
-            .merge_oproj
-            .as_ref()
-            .ok_or_else(|| Error::Backend("attention built without merge_oproj".into()))?;
-        BindGroupBuilder::new(ctx, k, arena)
-            .bind(1, state)
-            .bind(2, q)
-            .bind(3, kv)
-            .bind(4, kvmask)
-            .bind(5, part)
-            .bind(6, wts)
-            .bind(7, x)
-            .build()
-    }
-
-    /// The chunked attention, then `merge_oproj` (two dispatches): x += attention W_o^T.
-    pub fn record_oproj(
-        &self,
-        rec: &mut Recorder<'_>,
-        bg: &wgpu::BindGroup,
-        bg_oproj: &wgpu::BindGroup,
-        p: &AttnParams,
-    ) -> Result<()> {
-        let k = self
-            .merge_oproj
-            .as_ref()
-            .ok_or_else(|| Error::Backend("attention built without merge_oproj".into()))?;
-        rec.dispatch(
-            &self.kernel,
-            bg,
-            p,
-            [p.nt.div_ceil(self.qt), p.nchunk, p.batch * p.heads],
-        )?;
-        rec.dispatch(k, bg_oproj, p, [p.batch * p.nt, 1, 1])
     }
 
     /// `gen` state, `q` [B, nt, C], `kv` [B, cap, 2, C], `kvmask` [B, cap] u32, `part` out.
@@ -414,7 +335,6 @@ mod tests {
             heads: heads as u32,
             skip_if_done: 1,
             scale,
-            ..Default::default()
         };
         for (qt, lanes) in [(4u32, 1u32), (4, 4), (16, 1), (16, 4)] {
             ctx.write(&qb, 0, &qg);
@@ -432,50 +352,6 @@ mod tests {
                 &og,
                 &o_ref,
                 2e-5,
-                1e-5,
-            );
-        }
-
-        // merge_oproj: the same attention, merged with o_proj + residual in one dispatch:
-        // x += o_ref W_o^T (W_o^T packed after the other weights).
-        let wo = rng.vec(c * c, 0.5);
-        let mut wt = wts.clone();
-        let wo_off = wt.len();
-        for k in 0..c {
-            for n in 0..c {
-                wt.push(wo[n * c + k]);
-            }
-        }
-        let wtb = ctx.storage_init("wts + wo^T", &wt).unwrap();
-        let x0 = rng.vec(b * nt * c, 1.0);
-        let proj = crate::gpu::ops::matmul::matmul_cpu(&o_ref, &wo, b * nt, c, c);
-        let want: Vec<f32> = x0.iter().zip(&proj).map(|(a, p)| a + p).collect();
-        for (qt, lanes) in [(4u32, 1u32), (16, 4)] {
-            ctx.write(&qb, 0, &qg);
-            ctx.write(&xb, 0, &x0);
-            let attn = Attention::new(ctx, hd, qt, lanes)
-                .unwrap()
-                .with_oproj(ctx, hd, c)
-                .unwrap();
-            let bg2 = attn
-                .bind(ctx, &arena, &genb, &qb, &kvb, &maskb, &partb)
-                .unwrap();
-            let bg3 = attn
-                .bind_oproj(ctx, &arena, &genb, &qb, &kvb, &maskb, &partb, &wtb, &xb)
-                .unwrap();
-            let pf = AttnParams {
-                wo_off: wo_off as u32,
-                ..pa
-            };
-            let mut rec = Recorder::new(ctx, &mut arena);
-            attn.record_oproj(&mut rec, &bg2, &bg3, &pf).unwrap();
-            rec.submit(ctx).unwrap();
-            let xg = ctx.read_f32(&xb, 0, b * nt * c).unwrap();
-            assert_close(
-                &format!("attention + merge_oproj (QT {qt} x {lanes})"),
-                &xg,
-                &want,
-                3e-5,
                 1e-5,
             );
         }
