@@ -1,9 +1,12 @@
 //! The model on the GPU: weights uploaded once, preallocated workspaces, `embed`,
-//! GPU-resident `generate`, streaming sessions.
+//! GPU-resident `generate`, teacher-forced `score`, streaming sessions; input as float32
+//! pixel values or as uint8 frames that the processor's resize + normalisation turn into
+//! them on the GPU ([`Frames`]).
 //!
 //! Data flow of one clip (see ARCHITECTURE.md):
 //!
-//! 1. vision (per chunk of frames, all batch rows at once): [bicubic resize] -> patchify GEMM
+//! 1. vision (per chunk of frames, all batch rows at once): [uint8 frames: PIL-exact
+//!    bilinear resize passes + normalisation table] -> [bicubic resize] -> patchify GEMM
 //!    -> LayerNorm into the causal-conv ring -> 3x3x3 conv GEMM + ReLU -> 1x1 conv GEMM
 //!    + bias + pos_embed = `vis`;
 //! 2. per frame: the prefill forward (the previous frame's un-run last step + 196 vision
@@ -1524,13 +1527,14 @@ impl Engine {
     /// their frame (pad = 265), frames concatenated (N = sum of `frame_lens`). Returns
     /// (gaze_probs, task_loss_prediction), each [B, N].
     ///
-    /// The pass is causal, so it runs as the generation loop does, forward by forward against
-    /// the KV cache: per frame a vision forward, then one forward per group of K slots (the
-    /// last one right-aligned in the K token slots), each followed by the heads at its last
-    /// slot and `score.wgsl`, which takes the probabilities and task losses that row gives.
-    /// Everything is known in advance, so each forward's plan (cache base, positions, ids) is
-    /// copied into the `gen` buffer from a per-frame table instead of being planned by
-    /// `select.wgsl`. One submit per frame, one readback.
+    /// The pass is causal, so it runs in pieces against the KV cache: per frame the vision
+    /// forward (heads at its last token), then the frame's slots in forwards of up to
+    /// `score_lead` (200) token slots, whole groups of K right-aligned, each followed by the
+    /// heads at the ends of its whole groups (strided rows); `score.wgsl` takes the
+    /// probabilities and task losses each heads row gives. Everything is known in advance,
+    /// so each forward's plan (cache base, positions, ids) is copied into the `gen` buffer
+    /// from a per-frame table instead of being planned by `select.wgsl`. One submit per
+    /// frame, one readback.
     pub fn score(
         &self,
         pixel_values: &[f32],

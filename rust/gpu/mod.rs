@@ -4,7 +4,8 @@
 //! * [`pipeline`]: shader sources, the define mechanism, cached pipelines.
 //! * [`buffer`]: buffers, parameter arena, bind groups, command recording.
 //! * [`ops`]: one launcher per kernel family, with per-kernel tests.
-//! * [`engine`]: weights on the GPU, workspaces, `embed`, `generate`, streaming sessions.
+//! * [`engine`]: weights on the GPU, workspaces, `embed`, `generate`, `score`, streaming
+//!   sessions, GPU preprocessing of uint8 frames.
 
 pub mod buffer;
 pub mod context;
