@@ -390,3 +390,22 @@ def test_threads_on_one_torch_model():
     inputs = [_pixels(300 + i, T=2) for i in range(4)]
     for _ in range(2):  # the race does not show on every run
         _threads_match_serial(model, inputs, 0.1, timeout_s=120)
+
+
+@pytest.mark.parametrize("value", [True, 0, -3, 2.0, "4"])
+@pytest.mark.parametrize("name", ["stride", "max_frames", "num_frames", "max_tile_batch"])
+def test_video_tool_counts_are_positive_integers(name, value):
+    """Counts of the video tools refuse bools (True is not 1 frame), zero, negatives, floats
+    and strings with an InputError naming the argument."""
+    from autogaze_wgpu.video import VideoGazer
+    from autogaze_wgpu.video.io import read_frames
+    from autogaze_wgpu.video.sample import sample_clip
+
+    calls = {
+        "stride": lambda: next(iter(read_frames("no-such-file.mp4", stride=value))),
+        "max_frames": lambda: next(iter(read_frames("no-such-file.mp4", max_frames=value))),
+        "num_frames": lambda: sample_clip(num_frames=value),
+        "max_tile_batch": lambda: VideoGazer("patch_diff", max_tile_batch=value),
+    }
+    with pytest.raises(ag.InputError, match=name):
+        calls[name]()

@@ -27,6 +27,7 @@ from typing import Any, Self
 import numpy as np
 
 from ..errors import BackendError, InputError
+from ..inputs import positive_int
 
 PathLike = str | os.PathLike
 
@@ -124,10 +125,9 @@ def read_frames(
     with_index: yield ``(frame_number, frame)``, frame_number counted from the start of the
         stream (the pair form that :meth:`VideoGazer.iter_frames` understands).
     """
-    if not isinstance(stride, (int, np.integer)) or stride < 1:
-        raise InputError(f"stride must be a positive integer, got {stride!r}")
-    if max_frames is not None and (not isinstance(max_frames, (int, np.integer)) or max_frames < 1):
-        raise InputError(f"max_frames must be a positive integer or None, got {max_frames!r}")
+    stride = positive_int("stride", stride)
+    if max_frames is not None:
+        max_frames = positive_int("max_frames", max_frames, "a positive integer or None")
     if start < 0 or (end is not None and end <= start):
         raise InputError(
             f"the clip window must have 0 <= start < end, got start={start}, end={end}"

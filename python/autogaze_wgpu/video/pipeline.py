@@ -221,8 +221,7 @@ class VideoGazer:
             raise InputError(f"mode must be one of {', '.join(map(repr, MODES))}, got {mode!r}")
         if long_video not in LONG_VIDEO:
             raise InputError(f"long_video must be 'clips' or 'stream', got {long_video!r}")
-        if not isinstance(max_tile_batch, (int, np.integer)) or max_tile_batch < 1:
-            raise InputError(f"max_tile_batch must be a positive integer, got {max_tile_batch!r}")
+        max_tile_batch = positive_int("max_tile_batch", max_tile_batch)
         make_layout(224, 224, mode, self.source.grid, tile_grid, tile_stride)  # checks the options
         model = getattr(self.source, "model", None)
         max_frames = model.config.max_num_frames if model is not None else 16

@@ -13,7 +13,7 @@ from importlib import resources
 
 import numpy as np
 
-from ..errors import InputError
+from ..inputs import positive_int
 
 
 def sample_photo() -> np.ndarray:
@@ -28,8 +28,7 @@ def sample_clip(num_frames: int = 24, seed: int = 0, noise: float = 0.0) -> np.n
     """uint8 (T, 400, 600, 3): the photograph with a small cup sliding across it."""
     from PIL import Image
 
-    if not isinstance(num_frames, int) or num_frames < 1:
-        raise InputError(f"num_frames must be a positive integer, got {num_frames!r}")
+    num_frames = positive_int("num_frames", num_frames)
     photo = sample_photo()
     H, W = photo.shape[:2]
     # The sprite: the cup and saucer, cut out with a feathered ellipse and scaled down.
