@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Parity suite + benchmarks on the GPU machine (no cargo/network there). Carry `.gl`
-# (Vulkan loader .debs), `.whl` (the abi3 wheel from `maturin build --release -o .whl`) and
-# `.fixtures` (a copy of ../shared/fixtures/official); results go to $OUT.
+# (Vulkan loader .debs), `.whl` (the abi3 wheel from `maturin build --release -o .whl`, plus a
+# cp312 Pillow wheel for the processor tests and the video1080 benchmark: `pip download
+# --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64
+# -d .whl pillow`) and `.fixtures` (a copy of ../shared/fixtures/official); results go to $OUT.
 set -uo pipefail
 for f in .gl/*.deb; do dpkg -x "$f" /; done; ldconfig
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl || exit 1
