@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import MODEL_DIR
+from conftest import MODEL_DIR, load_model
 from PIL import Image
 
 import autogaze_wgpu as ag
@@ -86,8 +86,6 @@ def test_bad_frames(proc, bad, words):
 def test_raw_frames_embed_exactly_as_processed_ones(proc, backend, shape):
     """The GPU preprocessing is bit-exact with the processor (PIL): same vision embeddings,
     to the bit, as the processor's pixel values."""
-    from conftest import load_model
-
     model = load_model(backend)
     frames = np.random.default_rng(sum(shape)).integers(0, 256, size=shape, dtype=np.uint8)
     raw = proc.raw(frames)
@@ -96,8 +94,6 @@ def test_raw_frames_embed_exactly_as_processed_ones(proc, backend, shape):
 
 
 def test_raw_frames_generate_score_and_stream(proc, backend):
-    from conftest import load_model
-
     model = load_model(backend)
     frames = np.random.default_rng(7).integers(0, 256, size=(3, 90, 150, 3), dtype=np.uint8)
     pv = proc(frames)
@@ -114,8 +110,6 @@ def test_raw_frames_generate_score_and_stream(proc, backend):
 
 
 def test_raw_frames_stream_refuses_a_change_of_input_kind(proc, backend):
-    from conftest import load_model
-
     model = load_model(backend)
     frames = np.random.default_rng(8).integers(0, 256, size=(2, 64, 64, 3), dtype=np.uint8)
     session = model.stream()

@@ -126,6 +126,17 @@ class AutoGazeProcessor:
                 out[b, t] = np.asarray(img.resize((out_w, out_h), resample))
         return out
 
+    def normalization_table(self) -> np.ndarray:
+        """float32 (3, 256): the value of each uint8 level per channel, from :meth:`normalize`
+        itself (so a table lookup is bit-exact with it); computed once per config."""
+        cached = getattr(self, "_table", None)
+        if cached is None or cached[0] is not self.config:
+            levels = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)
+            table = np.ascontiguousarray(self.normalize(levels[None, None, None])[0, 0, :, 0, :])
+            table.flags.writeable = False
+            cached = self._table = (self.config, table)
+        return cached[1]
+
     def normalize(self, video: np.ndarray) -> np.ndarray:
         """uint8 (B, T, H, W, 3) -> float32 (B, T, 3, H, W) with the official float steps."""
         c = self.config
@@ -162,12 +173,6 @@ class RawFrames:
         if self._pixel_values is None:
             self._pixel_values = self.processor(self.frames)
         return self._pixel_values
-
-    def normalization_table(self) -> np.ndarray:
-        """float32 (3, 256): the processor's value of each uint8 level per channel, from the
-        processor's own float steps (so a table lookup is bit-exact with them)."""
-        levels = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)
-        return np.ascontiguousarray(self.processor.normalize(levels[None, None, None])[0, 0, :, 0, :])
 
 
 def as_uint8_video(frames: Any, batched: bool = True) -> np.ndarray:

@@ -33,7 +33,7 @@ use super::context::GpuContext;
 use super::ops::attention::{Attention, AttnParams};
 use super::ops::layernorm::{LayerNorm, LnShape};
 use super::ops::matmul::{ALoad, Epi, Extra, Matmul, MatmulParams, MatmulSpec, Tile};
-use super::ops::pil_resize::{Axis, Dst, PilResize, Src, frame_words, pil_coeffs};
+use super::ops::pil_resize::{Dst, PilResize, Src, frame_words, plan};
 use super::ops::resize::Bicubic;
 use super::ops::score::{Score, ScoreParams};
 use super::ops::select::{Select, SelectParams, layout};
@@ -46,14 +46,6 @@ const CHUNK_PRE: usize = 256;
 const CHUNK_DEC: usize = 128;
 /// Extra KV-cache slots beyond the frames' tokens (the plan of the frame after the last).
 const CAP_SLACK: usize = 224;
-
-impl Dims {
-    /// Token slots of one teacher-forced score forward: the most whole groups of K that fit
-    /// the prefill's activation rows (200 for K = 10 and 196 patches).
-    fn score_lead(&self) -> usize {
-        (self.nt_pre() / self.k) * self.k
-    }
-}
 
 /// Where the fixtures live: `$AUTOGAZE_FIXTURES`, else `<crate>/../shared/fixtures/official`.
 pub fn fixtures_dir() -> PathBuf {
@@ -184,6 +176,11 @@ impl Dims {
 
     fn nt_pre(&self) -> usize {
         self.k + self.p
+    }
+    /// Token slots of one teacher-forced score forward: the most whole groups of K that fit
+    /// the prefill's activation rows (200 for K = 10 and 196 patches).
+    fn score_lead(&self) -> usize {
+        (self.nt_pre() / self.k) * self.k
     }
     fn head_rows(&self) -> usize {
         self.k * self.vocab + self.k
@@ -436,6 +433,22 @@ struct WsSpec {
 }
 
 impl WsSpec {
+    /// A call on `frames`, its vision in chunks of `tc` frames: the input side; the rest at
+    /// its least (callers set the cache, output frames, debug rows and score slots they need).
+    fn clip(frames: &Frames, tc: usize) -> Self {
+        Self {
+            batch: frames.b,
+            frames: tc,
+            ring: tc + 2,
+            in_hw: (frames.h, frames.w),
+            src_hw: frames.src_hw(),
+            cap: CAP_SLACK,
+            out_frames: 1,
+            debug_steps: 0,
+            score_slots: 0,
+        }
+    }
+
     fn fits(&self, need: &WsSpec) -> bool {
         self.batch >= need.batch
             && self.frames >= need.frames
@@ -500,56 +513,43 @@ impl PreRes {
         let lut = ctx.storage("normalisation table", 768 * 4)?;
         let mut keep = Vec::new();
         let mut passes = Vec::new();
-        let (resize_x, resize_y) = (src.1 != out.1, src.0 != out.0);
-        // The x pass runs when x changes, or alone (an identity resample) when nothing does.
-        if resize_x || !resize_y {
-            let (taps, k) = pil_coeffs(src.1, out.1);
-            let coef = ctx.storage_init("resize x coefficients", &k)?;
-            let mid = (src.0, out.1);
-            let (op, bg) = if resize_y {
-                let tmp = ctx.storage("resized rows", (frames * mid.0 * mid.1 * 3 * 4) as u64)?;
-                let op = PilResize::new(ctx, Axis::X, Src::U8, Dst::U32)?;
-                let bg = op.bind(ctx, arena, &raw, &coef, &lut, &tmp)?;
-                keep.push(tmp);
-                (op, bg)
+        let steps = plan(src, out);
+        // Between two passes: one-word uint8 values of the first pass's output.
+        let tmp = match steps.iter().find(|p| p.dst == Dst::U32) {
+            Some(p) => {
+                Some(ctx.storage("resized rows", (frames * p.out.0 * p.out.1 * 3 * 4) as u64)?)
+            }
+            None => None,
+        };
+        for pass in steps {
+            let (taps, k) = pass.coeffs();
+            let coef = ctx.storage_init("resize coefficients", &k)?;
+            let between = || {
+                tmp.as_ref()
+                    .ok_or_else(|| Error::Backend("PIL resize plan without its buffer".into()))
+            };
+            let from = if pass.src == Src::U8 {
+                &raw
             } else {
-                let op = PilResize::new(ctx, Axis::X, Src::U8, Dst::F32)?;
-                let bg = op.bind(ctx, arena, &raw, &coef, &lut, dst)?;
-                (op, bg)
+                between()?
             };
+            let to = if pass.dst == Dst::F32 {
+                dst
+            } else {
+                between()?
+            };
+            let op = PilResize::for_pass(ctx, &pass)?;
+            let bg = op.bind(ctx, arena, from, &coef, &lut, to)?;
             keep.push(coef);
             passes.push(PrePass {
                 op,
                 bg,
-                inp: src,
-                out: mid,
+                inp: pass.inp,
+                out: pass.out,
                 taps,
             });
         }
-        if resize_y {
-            let (taps, k) = pil_coeffs(src.0, out.0);
-            let coef = ctx.storage_init("resize y coefficients", &k)?;
-            let (op, bg, inp) = match keep.first() {
-                Some(tmp) if resize_x => {
-                    let op = PilResize::new(ctx, Axis::Y, Src::U32, Dst::F32)?;
-                    let bg = op.bind(ctx, arena, tmp, &coef, &lut, dst)?;
-                    (op, bg, (src.0, out.1))
-                }
-                _ => {
-                    let op = PilResize::new(ctx, Axis::Y, Src::U8, Dst::F32)?;
-                    let bg = op.bind(ctx, arena, &raw, &coef, &lut, dst)?;
-                    (op, bg, src)
-                }
-            };
-            keep.push(coef);
-            passes.push(PrePass {
-                op,
-                bg,
-                inp,
-                out,
-                taps,
-            });
-        }
+        keep.extend(tmp);
         Ok(Self {
             raw,
             lut,
@@ -1432,17 +1432,7 @@ impl Engine {
         let i = &self.inner;
         let d = &i.dims;
         let tc = self.chunk_frames(frames)?;
-        let need = WsSpec {
-            batch: b,
-            frames: tc,
-            ring: tc + 2,
-            in_hw: (h, w),
-            src_hw: frames.src_hw(),
-            cap: CAP_SLACK,
-            out_frames: 1,
-            debug_steps: 0,
-            score_slots: 0,
-        };
+        let need = WsSpec::clip(frames, tc);
         let mut guard = i.cached.lock().unwrap_or_else(|e| e.into_inner());
         let wsp = self.ensure(&mut guard, need)?;
         let (arena, ws) = (&mut wsp.arena, &wsp.r);
@@ -1591,15 +1581,10 @@ impl Engine {
         let seq = t * p + n_all;
         let tc = self.chunk_frames(frames)?;
         let need = WsSpec {
-            batch: b,
-            frames: tc,
-            ring: tc + 2,
-            in_hw: (h, w),
-            src_hw: frames.src_hw(),
             cap: seq + CAP_SLACK,
             out_frames: t,
-            debug_steps: 0,
             score_slots: n_all,
+            ..WsSpec::clip(frames, tc)
         };
         let mut guard = i.cached.lock().unwrap_or_else(|e| e.into_inner());
         let wsp = self.ensure(&mut guard, need)?;
@@ -1800,15 +1785,10 @@ impl Engine {
         let max_steps: usize = plans.iter().map(|p| p.budget.div_ceil(d.k)).sum();
         let tc = self.chunk_frames(frames)?;
         let need = WsSpec {
-            batch: b,
-            frames: tc,
-            ring: tc + 2,
-            in_hw: (h, w),
-            src_hw: frames.src_hw(),
             cap,
             out_frames: t,
             debug_steps: if debug { max_steps } else { 0 },
-            score_slots: 0,
+            ..WsSpec::clip(frames, tc)
         };
         let mut guard = i.cached.lock().unwrap_or_else(|e| e.into_inner());
         let wsp = self.ensure(&mut guard, need)?;

@@ -329,7 +329,7 @@ fn parity_generate_c_requirement_only() {
 }
 
 /// The processor's float value of each uint8 level per channel (the release config: x / 127.5
-/// - 1, then ImageNet normalisation), as `RawFrames.normalization_table` gives it.
+/// - 1, then ImageNet normalisation), as `AutoGazeProcessor.normalization_table` gives it.
 fn release_lut() -> Vec<f32> {
     let mean = [0.485f32, 0.456, 0.406];
     let std = [0.229f32, 0.224, 0.225];

@@ -47,7 +47,7 @@ def _engine_input(video) -> tuple[np.ndarray, Optional[tuple]]:
     RawFrames the uint8 frames and (H', W', normalisation table) for the GPU preprocessing."""
     if isinstance(video, RawFrames):
         h, w = video.shape[-2:]
-        return video.frames, (h, w, video.normalization_table().ravel().tolist())
+        return video.frames, (h, w, video.processor.normalization_table().ravel().tolist())
     return _host_f32(video), None
 
 

@@ -91,6 +91,61 @@ struct Params {
     _pad: u32,
 }
 
+/// One pass of a planned resize: its kind and the (h, w) it reads and writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PassPlan {
+    pub axis: Axis,
+    pub src: Src,
+    pub dst: Dst,
+    pub inp: (usize, usize),
+    pub out: (usize, usize),
+}
+
+impl PassPlan {
+    /// The pass's taps and coefficient rows ([`pil_coeffs`] along its axis).
+    pub fn coeffs(&self) -> (usize, Vec<i32>) {
+        match self.axis {
+            Axis::X => pil_coeffs(self.inp.1, self.out.1),
+            Axis::Y => pil_coeffs(self.inp.0, self.out.0),
+        }
+    }
+}
+
+/// The passes that turn packed uint8 frames of `src` (h, w) into pixel values of `out`, in
+/// PIL's order: x then y, an axis whose size does not change skipped; when neither changes,
+/// the x pass alone (an identity resample) still runs, for the normalisation. The first of
+/// two passes writes one-word uint8 values for the second.
+pub fn plan(src: (usize, usize), out: (usize, usize)) -> Vec<PassPlan> {
+    let (resize_x, resize_y) = (src.1 != out.1, src.0 != out.0);
+    let mid = (src.0, out.1);
+    let mut passes = Vec::new();
+    if resize_x || !resize_y {
+        let dst = if resize_y { Dst::U32 } else { Dst::F32 };
+        passes.push(PassPlan {
+            axis: Axis::X,
+            src: Src::U8,
+            dst,
+            inp: src,
+            out: mid,
+        });
+    }
+    if resize_y {
+        let (from, inp) = if resize_x {
+            (Src::U32, mid)
+        } else {
+            (Src::U8, src)
+        };
+        passes.push(PassPlan {
+            axis: Axis::Y,
+            src: from,
+            dst: Dst::F32,
+            inp,
+            out,
+        });
+    }
+    passes
+}
+
 /// Words a packed source frame of `h` x `w` RGB bytes takes (each frame starts on a word).
 pub fn frame_words(h: usize, w: usize) -> usize {
     (h * w * 3).div_ceil(4)
@@ -104,6 +159,11 @@ pub struct PilResize {
 }
 
 impl PilResize {
+    /// The launcher of a planned pass.
+    pub fn for_pass(ctx: &GpuContext, pass: &PassPlan) -> Result<Self> {
+        Self::new(ctx, pass.axis, pass.src, pass.dst)
+    }
+
     pub fn new(ctx: &GpuContext, axis: Axis, src: Src, dst: Dst) -> Result<Self> {
         let key = PipelineKey::new("pil_resize", "resample")
             .define("AXIS", if axis == Axis::X { "x" } else { "y" })
@@ -241,15 +301,6 @@ mod tests {
     use super::*;
     use crate::gpu::ops::testutil::{Rng, ctx};
 
-    /// A pass to record: launcher, bind group, (h, w) in and out, taps.
-    type Pass = (
-        PilResize,
-        wgpu::BindGroup,
-        (usize, usize),
-        (usize, usize),
-        usize,
-    );
-
     /// PIL's coefficients for a 2x shrink: 4 taps of weight 1/8, 3/8, 3/8, 1/8 (support 2)
     /// except at the clamped borders; for the identity, weight 1 on the pixel itself.
     #[test]
@@ -304,33 +355,18 @@ mod tests {
                 .storage("dst", (frames * 3 * out.0 * out.1 * 4) as u64)
                 .unwrap();
             let mut arena = ParamArena::new(ctx, 4).unwrap();
-            let mut rec_ops: Vec<Pass> = Vec::new();
-            let (kx_taps, kx) = pil_coeffs(inp.1, out.1);
-            let (ky_taps, ky) = pil_coeffs(inp.0, out.0);
-            let kx_b = ctx.storage_init("kx", &kx).unwrap();
-            let ky_b = ctx.storage_init("ky", &ky).unwrap();
             let tmp = ctx
                 .storage("tmp", (frames * inp.0 * out.1 * 3 * 4) as u64)
                 .unwrap();
-            match (inp.1 != out.1, inp.0 != out.0) {
-                (true, true) => {
-                    let a = PilResize::new(ctx, Axis::X, Src::U8, Dst::U32).unwrap();
-                    let bga = a.bind(ctx, &arena, &src_b, &kx_b, &lut_b, &tmp).unwrap();
-                    rec_ops.push((a, bga, inp, (inp.0, out.1), kx_taps));
-                    let b = PilResize::new(ctx, Axis::Y, Src::U32, Dst::F32).unwrap();
-                    let bgb = b.bind(ctx, &arena, &tmp, &ky_b, &lut_b, &dst_b).unwrap();
-                    rec_ops.push((b, bgb, (inp.0, out.1), out, ky_taps));
-                }
-                (false, true) => {
-                    let b = PilResize::new(ctx, Axis::Y, Src::U8, Dst::F32).unwrap();
-                    let bgb = b.bind(ctx, &arena, &src_b, &ky_b, &lut_b, &dst_b).unwrap();
-                    rec_ops.push((b, bgb, inp, out, ky_taps));
-                }
-                _ => {
-                    let a = PilResize::new(ctx, Axis::X, Src::U8, Dst::F32).unwrap();
-                    let bga = a.bind(ctx, &arena, &src_b, &kx_b, &lut_b, &dst_b).unwrap();
-                    rec_ops.push((a, bga, inp, out, kx_taps));
-                }
+            let mut rec_ops = Vec::new();
+            for pass in plan(inp, out) {
+                let (taps, k) = pass.coeffs();
+                let coef = ctx.storage_init("coefficients", &k).unwrap();
+                let from = if pass.src == Src::U8 { &src_b } else { &tmp };
+                let to = if pass.dst == Dst::F32 { &dst_b } else { &tmp };
+                let op = PilResize::for_pass(ctx, &pass).unwrap();
+                let bg = op.bind(ctx, &arena, from, &coef, &lut_b, to).unwrap();
+                rec_ops.push((op, bg, pass.inp, pass.out, taps));
             }
             let mut rec = Recorder::new(ctx, &mut arena);
             for (op, bg, i, o, taps) in &rec_ops {
