@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Parity suite + benchmarks on the GPU machine (no cargo/network there). Carry `.gl`
-# (Vulkan loader .debs), `.whl` (the abi3 wheel from `maturin build --release -o .whl`, plus a
-# cp312 Pillow wheel for the processor tests and the video1080 benchmark: `pip download
-# --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64
-# -d .whl pillow`) and `.fixtures` (a copy of ../shared/fixtures/official); results go to $OUT.
+# (Vulkan loader .debs), `.whl` (the abi3 wheel from `maturin build --release -o .whl`; the
+# GPU image has Pillow, numpy, torch and Triton) and `.fixtures` (a copy of
+# ../shared/fixtures/official); results go to $OUT.
 set -uo pipefail
 for f in .gl/*.deb; do dpkg -x "$f" /; done; ldconfig
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site AUTOGAZE_FIXTURES=$PWD/.fixtures PYTHONUNBUFFERED=1
+# The wheel brings the native module; the Python sources are the working tree's (so a
+# Python-only change needs no new wheel).
+cp /tmp/site/autogaze_wgpu/_native*.so python/autogaze_wgpu/ || exit 1
+export PYTHONPATH=$PWD/python:/tmp/site AUTOGAZE_FIXTURES=$PWD/.fixtures PYTHONUNBUFFERED=1
 python3 -c "import autogaze_wgpu._native as n; n.wgpu_adapter_info()" 2>/dev/null ||
   export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -21,7 +23,9 @@ case "${1:-all}" in
 esac
 case "${1:-all}" in
   all|bench)
-    timeout 280 python3 -m autogaze_wgpu.bench --model "$AUTOGAZE_FIXTURES/model" --repeat "${REPEAT:-5}" --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" ;;
+    timeout "${BENCH_TIMEOUT:-280}" python3 -m autogaze_wgpu.bench --model "$AUTOGAZE_FIXTURES/model" --repeat "${REPEAT:-5}" \
+      --backends "${BACKENDS:-reference,torch,torch-eager,wgpu}" --workloads "${WORKLOADS:-clip,no-stop,tiles45,stream,score,video1080}" \
+      --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" ;;
 esac
 case "${1:-all}" in
   agreement)  # the torch backend's fast modes against its float32 mode (docs/benchmarks.md)

@@ -11,6 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# Off CUDA, the torch backend's Triton decode kernels can only run under Triton's interpreter;
+# it must be chosen before triton is first imported (tests/test_torch_fused_decode.py).
+if os.environ.get("AUTOGAZE_TEST_DEVICE", "cpu") != "cuda":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(os.environ.get("AUTOGAZE_FIXTURES", ROOT.parent / "shared" / "fixtures" / "official"))
 MODEL_DIR = FIXTURES / "model"

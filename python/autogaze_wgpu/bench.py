@@ -39,8 +39,12 @@ def _median_time(fn: Callable[[], object], repeat: int) -> tuple[float, object]:
     return statistics.median(times), out
 
 
+# Names the benchmark accepts besides the backends: a backend with options.
+BACKEND_VARIANTS = {"torch-eager": ("torch", {"decode_kernels": "torch"})}
+
+
 def device_name(backend: str, model) -> str:
-    if backend in ("torch", "reference"):
+    if backend in ("torch", "torch-eager", "reference"):
         import torch
 
         dev = model.backend.device
@@ -99,8 +103,10 @@ def run(model_dir: Path, backends: list[str], device: str | None, repeat: int, w
         video = synthetic_video(16, 1080, 1920, seed=9)
     rows = []
     for name in backends:
-        kw = {"device": device} if name in ("torch", "reference") and device else {}
-        model = ag.AutoGaze.from_pretrained(model_dir, backend=name, **kw)
+        backend, kw = BACKEND_VARIANTS.get(name, (name, {}))
+        if backend in ("torch", "reference") and device:
+            kw = {**kw, "device": device}
+        model = ag.AutoGaze.from_pretrained(model_dir, backend=backend, **kw)
         dev = device_name(name, model)
         for wl in workloads:
             fn = workload(model, wl, clip, tiles, video)
@@ -145,7 +151,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m autogaze_wgpu.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="model dir (default: a random-weight model in the released format)")
-    p.add_argument("--backends", default=",".join(ag.available_backends()))
+    p.add_argument("--backends", default=",".join(ag.available_backends()),
+                   help="comma-separated; also 'torch-eager' (the torch backend with its eager decode step)")
     p.add_argument("--device", help="torch device for the reference/torch backends (default: cuda if available)")
     p.add_argument("--workloads", default="clip,no-stop,tiles45,stream,score,video1080")
     p.add_argument("--repeat", type=int, default=5)

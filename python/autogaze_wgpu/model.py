@@ -43,6 +43,11 @@ from .video.pipeline import run_video
 Ratio = Union[None, float, Sequence[float]]
 
 
+def _source_size(video) -> tuple[int, int] | None:
+    """(H, W) of the uint8 frames of ``RawFrames`` input (None for pixel values)."""
+    return tuple(video.frames.shape[2:4]) if isinstance(video, RawFrames) else None
+
+
 def _to_numpy(x) -> np.ndarray:
     if isinstance(x, np.ndarray):
         return x
@@ -116,6 +121,7 @@ class AutoGaze:
         backend: str = "reference",
         device: Optional[str] = None,
         precision: str = "float32",
+        **backend_options: Any,
     ) -> "AutoGaze":
         """Loads ``config.json`` + ``model.safetensors`` from a directory or a Hub repo id.
 
@@ -127,12 +133,17 @@ class AutoGaze:
             also has fast modes whose tokens may differ from the reference's: "tf32" (TF32
             matmuls/convolutions on NVIDIA GPUs; the same as float32 on CPU) and "bf16"
             (bfloat16 GEMMs; selection stays float32). docs/benchmarks.md has their agreement.
+        backend_options: the backend's own settings. The torch backend's ``decode_kernels``:
+            "auto" (default: fused Triton kernels on CUDA in float32, else the eager torch
+            step), "triton" or "torch".
         """
         from . import _native
 
         model_dir = resolve_model_dir(path_or_repo_id)
         config = AutoGazeConfig.from_dict(_native.load_config(str(model_dir)))
-        return cls(config, create_backend(backend, config, str(model_dir), device, precision), str(model_dir))
+        return cls(
+            config, create_backend(backend, config, str(model_dir), device, precision, **backend_options), str(model_dir)
+        )
 
     @property
     def backend_name(self) -> str:
@@ -208,7 +219,7 @@ class AutoGaze:
         V = self.config.num_vision_tokens_each_frame
         budgets = [gazing_budget(r, V) for r in ratios]
         check_num_frames(self.config, T, max(budgets))
-        check_call(self.backend, self.config, video.shape, budgets, "generate")
+        check_call(self.backend, self.config, video.shape, budgets, "generate", _source_size(video))
         if T > self.config.max_num_frames:
             warnings.warn(
                 f"{T} frames is more than the {self.config.max_num_frames} the model was trained "
@@ -224,7 +235,7 @@ class AutoGaze:
         self._check_open()
         check_return_tensors(return_tensors)
         video = as_pixel_values(pixel_values)
-        check_call(self.backend, self.config, video.shape, None, "embed")
+        check_call(self.backend, self.config, video.shape, None, "embed", _source_size(video))
         return self._convert(self.backend.embed(self._backend_input(video)), return_tensors)
 
     def score(self, pixel_values: Any, gazes: GazeOutput, return_tensors: str = "np") -> ScoreOutput:
@@ -236,7 +247,8 @@ class AutoGaze:
         if gazes.tiles is not None:
             raise InputError("score() takes tile-level outputs: pass `out.tiles` and the tiles")
         frame_tokens = _frame_tokens_from_output(gazes, self.config, video.shape[0], video.shape[1])
-        check_call(self.backend, self.config, video.shape, [t.shape[1] for t in frame_tokens], "score")
+        lens = [t.shape[1] for t in frame_tokens]
+        check_call(self.backend, self.config, video.shape, lens, "score", _source_size(video))
         gp, tl = self.backend.score(self._backend_input(video), frame_tokens)
         return self._convert(ScoreOutput(gaze_probs=gp, task_loss_prediction=tl), return_tensors)
 

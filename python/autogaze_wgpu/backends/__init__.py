@@ -7,6 +7,7 @@ assembly, defaults, resolution adaptation and validation live in the facade, onc
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 from ..errors import BackendError, InputError
@@ -28,11 +29,13 @@ def _reference(config, model_dir, device, precision):
     return ReferenceBackend(config, _native.load_weights(model_dir), device=device)
 
 
-def _torch(config, model_dir, device, precision):
+def _torch(config, model_dir, device, precision, decode_kernels=None):
     from .. import _native
     from .torch_backend import TorchBackend
 
-    return TorchBackend(config, _native.load_weights(model_dir), device=device, precision=precision)
+    return TorchBackend(
+        config, _native.load_weights(model_dir), device=device, precision=precision, decode_kernels=decode_kernels
+    )
 
 
 def _wgpu(config, model_dir, device, precision):
@@ -50,8 +53,9 @@ def available_backends() -> tuple[str, ...]:
     return tuple(_FACTORIES)
 
 
-def create_backend(name: str, config, model_dir: str, device=None, precision: str = "float32"):
-    """Builds backend ``name`` for the (validated) model in ``model_dir``."""
+def create_backend(name: str, config, model_dir: str, device=None, precision: str = "float32", **options):
+    """Builds backend ``name`` for the (validated) model in ``model_dir``. ``options`` are
+    the backend's own keyword arguments (the torch backend's ``decode_kernels``)."""
     if not isinstance(precision, str) or precision not in PRECISIONS:
         raise InputError(f"precision must be one of {', '.join(map(repr, PRECISIONS))}, got {precision!r}")
     if name == "auto":
@@ -67,7 +71,14 @@ def create_backend(name: str, config, model_dir: str, device=None, precision: st
             f"precision={precision!r} is a fast mode of backend='torch' only; backend {name!r} "
             "runs float32 (parity)"
         )
-    return factory(config, model_dir, device, precision)
+    accepted = set(inspect.signature(factory).parameters) - {"config", "model_dir", "device", "precision"}
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise InputError(
+            f"backend {name!r} takes no option {', '.join(map(repr, unknown))}"
+            + (f"; its options: {', '.join(sorted(accepted))}" if accepted else "")
+        )
+    return factory(config, model_dir, device, precision, **options)
 
 
 def _auto_choice() -> str:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import math
+import os
 import threading
 from typing import Optional
 
@@ -82,13 +83,26 @@ class DecodeState:
         self.has_requirement = torch.zeros((), device=dev, dtype=torch.bool)
         self.arange_k = torch.arange(self.K, device=dev)
         self.key_idx = torch.arange(capacity, device=dev)
-        self.graphs: dict[int, "torch.cuda.CUDAGraph"] = {}  # by decode key length
+        # The prefill's static inputs: the pending step padded to K slots, the vision tokens.
+        P, C = backend.config.connector.num_tokens, cfg.hidden_size
+        self.pending_buf = torch.full((batch, self.K), self.pad, device=dev, dtype=i64)
+        self.vision_buf = torch.zeros(batch, P, C, device=dev, dtype=f32)
+        self.vision_ok = torch.ones(batch, P, device=dev, dtype=torch.bool)
+        self.prefill_idx = torch.arange(self.K + P, device=dev)
+        self.graphs: dict[tuple[str, int], "torch.cuda.CUDAGraph"] = {}  # by (what, key length)
         # What the host reads after each graph launch, in one copy: done, n_frame, cache_len.
         self.status = torch.zeros(3, device=dev, dtype=i64)
-        self.kv_len = capacity
+        self.kv_len = capacity  # keys the decode step attends to (set per graph launch)
         self.steps_per_graph = backend.steps_per_sync
         self.key = (batch, capacity)
         self.nbytes = 2 * self.k_cache.nbytes  # the KV cache dominates (graph pools not counted)
+        # The fused (Triton) decode step's scratch and the frame's RoPE table at the decode
+        # positions; its kernels read the lengths from the device, so one graph serves all.
+        self.fused = backend.fused
+        if self.fused is not None:
+            self.fused_buffers = self.fused.buffers(self)
+            self.rope_cos = torch.zeros(batch, self.K, hs, device=dev, dtype=f32)
+            self.rope_sin = torch.zeros_like(self.rope_cos)
         self.reset()
 
     def reset(self) -> None:
@@ -160,47 +174,31 @@ class DecodeState:
 
     # -- one frame --------------------------------------------------------------------------
     def frame(self, vision_embeds, budget: int, requirement: Optional[float]) -> "torch.Tensor":
-        dec = self.backend.model.gaze_decoder
         B, pad, K = self.B, self.pad, self.K
-        embed = dec.model.embed_tokens
-        # 1. Prefill (shapes known on the host): pending last step of the previous frame, then
-        #    the vision tokens; positions cumsum(mask) - 1 (masked slots read 1).
-        if self.pending is not None:
-            x = torch.cat([embed(self.pending), vision_embeds], dim=1)
-            new_mask = torch.cat(
-                [self.pending != pad, torch.ones(B, vision_embeds.shape[1], dtype=torch.bool, device=x.device)], 1
-            )
-        else:
-            x = vision_embeds
-            new_mask = torch.ones(B, x.shape[1], dtype=torch.bool, device=x.device)
-        L0, L = self.length, x.shape[1]
-        self.key_mask[:, L0 : L0 + L] = new_mask
-        mask_so_far = self.key_mask[:, : L0 + L].long()
-        positions = (mask_so_far.cumsum(-1) - 1).masked_fill_(mask_so_far == 0, 1)[:, L0:]
-        q_slots = L0 + torch.arange(L, device=x.device)
-        kv_len = L0 + L
-        bias = self._bias(q_slots, self.key_mask[:, :kv_len])
-        logits, task_loss = self._layers(x, positions, L0, bias, kv_len)
-        self.length = L0 + L
-
-        # 2. Decode steps: device-side state only.
-        self.logits.copy_(logits)
-        self.task_loss.copy_(task_loss)
-        self.decode_pos.copy_(positions[:, -K:])  # quirk: reused by every decode step
-        self.chosen.zero_()
-        self.finished.zero_()
-        self.n_frame.zero_()
-        self.done.zero_()
-        self.first.fill_(True)
+        # 1. Prefill, a static shape: the previous frame's pending last step padded to K
+        #    slots, then the vision tokens (see _prefill). Its inputs go into static buffers;
+        #    the host-valued settings are written here, outside any graph.
+        n_pending = 0 if self.pending is None else self.pending.shape[1]
+        self.pending_buf.fill_(pad)
+        if n_pending:
+            self.pending_buf[:, :n_pending].copy_(self.pending)
+        self.vision_buf.copy_(vision_embeds)
         self.cache_len.fill_(self.length)
         self.budget.fill_(budget)
         self.has_requirement.fill_(requirement is not None)
         self.requirement.fill_(0.0 if requirement is None else requirement)
+        L = K + vision_embeds.shape[1]
+        self._run(("prefill", self._bucket(self.length + L)))
+        self.length += L
+
+        # 2. Decode steps: device-side state only.
         max_steps = math.ceil(budget / K) + 1
-        need = self.length + (max_steps + 1) * K
-        self.kv_len = min(self.cap, -(-need // self.KV_BUCKET) * self.KV_BUCKET)
+        if self.fused is not None:
+            kv_len = self.cap  # the kernels bound the keys themselves: one graph
+        else:
+            kv_len = self._bucket(self.length + (max_steps + 1) * K)
         for _ in range(0, max_steps, self.steps_per_graph):
-            self._run_steps()
+            self._run(("steps", kv_len))
             # The one host sync per graph launch: done flag, frame length and cache length.
             done, n_t, cache_len = self.status.tolist()
             if done:
@@ -217,37 +215,75 @@ class DecodeState:
         self.pending = tokens[:, n_run:]
         return tokens
 
-    def _run_steps(self) -> None:
-        if self.backend.use_cuda_graphs:
-            graph = self.graphs.get(self.kv_len)
-            if graph is None:
-                graph = self.graphs[self.kv_len] = self._capture()
-            graph.replay()
-            return
-        self._steps()
+    def _bucket(self, n: int) -> int:
+        """Keys attended to by a launch: n rounded up to KV_BUCKET (one graph per bucket)."""
+        return min(self.cap, -(-n // self.KV_BUCKET) * self.KV_BUCKET)
 
-    def _steps(self) -> None:
+    def _prefill(self, kv_len: int) -> None:
+        """The frame's prefill on static buffers from the device-side cache length: K pending
+        slots (the previous frame's last step, padded with pad tokens) + the vision tokens.
+        Pad slots get key mask 0, so no later query attends to them and they do not count in
+        the positions cumsum(mask) - 1 (masked slots read 1): the same attention as running
+        only the real pending tokens. Then the heads at the last slot and the frame's fresh
+        decode state."""
+        dec = self.backend.model.gaze_decoder
+        K = self.K
+        x = torch.cat([dec.model.embed_tokens(self.pending_buf), self.vision_buf], dim=1)
+        ok = torch.cat([self.pending_buf != self.pad, self.vision_ok], dim=1)
+        slots = self.cache_len + self.prefill_idx
+        self.key_mask.index_copy_(1, slots, ok)
+        positions = (self.key_mask.long().cumsum(-1).index_select(1, slots) - 1).masked_fill_(~ok, 1)
+        bias = self._bias(slots, self.key_mask[:, :kv_len])
+        logits, task_loss = self._layers(x, positions, self.cache_len, bias, kv_len)
+        self.logits.copy_(logits)
+        self.task_loss.copy_(task_loss)
+        self.decode_pos.copy_(positions[:, -K:])  # quirk: reused by every decode step
+        if self.fused is not None:
+            cos, sin = rope_cos_sin(dec.model.inv_freq, self.decode_pos)
+            self.rope_cos.copy_(cos)
+            self.rope_sin.copy_(sin)
+        self.chosen.zero_()
+        self.finished.zero_()
+        self.n_frame.zero_()
+        self.done.zero_()
+        self.first.fill_(True)
+        self.cache_len += slots.shape[0]
+
+    def _run(self, key: tuple[str, int]) -> None:
+        """Runs ``("prefill", kv_len)`` or ``("steps", kv_len)``: its CUDA graph (captured on
+        first use) on CUDA, else eagerly."""
+        what, kv_len = key
+        fn = (lambda: self._prefill(kv_len)) if what == "prefill" else (lambda: self._steps(kv_len))
+        if not self.backend.use_cuda_graphs:
+            fn()
+            return
+        graph = self.graphs.get(key)
+        if graph is None:
+            graph = self.graphs[key] = self._capture(fn)
+        graph.replay()
+
+    def _steps(self, kv_len: int) -> None:
         """What one graph launch runs: ``steps_per_graph`` decode steps, then the status."""
+        self.kv_len = kv_len
         for _ in range(self.steps_per_graph):
             self._decode_step()
         torch.stack([self.done.long(), self.n_frame, self.cache_len], out=self.status)
 
-    def _capture(self) -> None:
-        """Captures ``steps_per_graph`` decode steps in a CUDA graph (warm-up on a side
-        stream first, as torch requires). The state tensors are saved and restored around
-        the warm-up so it leaves no trace."""
+    def _capture(self, fn) -> "torch.cuda.CUDAGraph":
+        """Captures ``fn`` in a CUDA graph (after a warm-up run on a side stream, as torch
+        requires). The state tensors are saved and restored around the warm-up and the
+        capture so they leave no trace."""
         saved = [t.clone() for t in self._state_tensors()]
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
-            for _ in range(2):
-                self._decode_step()
+            fn()
         torch.cuda.current_stream().wait_stream(s)
         for t, v in zip(self._state_tensors(), saved):
             t.copy_(v)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self._steps()
+            fn()
         for t, v in zip(self._state_tensors(), saved):
             t.copy_(v)
         return graph
@@ -256,11 +292,16 @@ class DecodeState:
         return [
             self.k_cache, self.v_cache, self.key_mask, self.logits, self.task_loss, self.chosen,
             self.finished, self.frame_tokens, self.n_frame, self.cache_len, self.done, self.first,
+            self.decode_pos,
         ]
 
     def _decode_step(self) -> None:
         """One decode step as in ``select_step`` + running the tokens, without host syncs.
-        When the frame is already done it changes nothing that is read later."""
+        When the frame is already done it changes nothing that is read later. With the
+        fused kernels (``triton_decode``) the same step is 26 Triton launches."""
+        if self.fused is not None:
+            self.fused.step(self)
+            return
         B, K, pad = self.B, self.K, self.pad
         neg_inf = float("-inf")
         active = ~self.done
@@ -334,6 +375,7 @@ class TorchBackend(ReferenceBackend):
         steps_per_sync: int = 4,
         cuda_graphs: bool = True,
         small_ops: Optional[bool] = None,
+        decode_kernels: Optional[str] = None,
     ):
         from . import PRECISIONS
 
@@ -370,6 +412,7 @@ class TorchBackend(ReferenceBackend):
             )
             for layer in dec.model.layers
         ]
+        self.fused = self._fused_decoder(decode_kernels)
         self._states: collections.OrderedDict[tuple[int, int], DecodeState] = collections.OrderedDict()
         self._pool_lock = threading.Lock()
         # States of dropped streams: appended without a lock (it may happen inside garbage
@@ -377,6 +420,41 @@ class TorchBackend(ReferenceBackend):
         self._returned: collections.deque[DecodeState] = collections.deque()
         # generate() runs one call at a time per model (its state and graphs are in use).
         self._lock = threading.Lock()
+
+    DECODE_KERNELS = ("auto", "triton", "torch")
+
+    def _fused_decoder(self, choice: Optional[str]):
+        """The decode step's kernels: "triton" (``triton_decode``, fused float32 kernels),
+        "torch" (the eager step above, captured in graphs on CUDA) or "auto" (the default;
+        also ``AUTOGAZE_TORCH_DECODE``): Triton on CUDA in float32 when it is installed and
+        fits the model, else torch. The fast modes keep the torch step: their point is
+        tensor-core GEMMs, and Triton's step is float32."""
+        if choice is None:
+            choice = os.environ.get("AUTOGAZE_TORCH_DECODE", "auto")
+        if choice not in self.DECODE_KERNELS:
+            raise InputError(
+                f"decode_kernels must be one of {', '.join(map(repr, self.DECODE_KERNELS))}, got {choice!r}"
+            )
+        if choice == "torch" or (
+            choice == "auto" and (self.device.type != "cuda" or self.precision != "float32")
+        ):
+            return None
+        if self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise BackendError(
+                f"decode_kernels='triton' runs on CUDA devices, not {self.device.type!r} "
+                "(on the CPU only under Triton's interpreter, TRITON_INTERPRET=1, for testing)"
+            )
+        try:
+            from . import triton_decode
+        except ImportError as e:
+            if choice == "triton":
+                raise BackendError(f"decode_kernels='triton' needs Triton (`pip install triton`): {e}") from None
+            return None
+        if not triton_decode.supported(self.config.decoder):
+            if choice == "auto":
+                return None
+            raise BackendError("decode_kernels='triton' does not support this decoder's shapes")
+        return triton_decode.FusedDecoder(self)
 
     @contextlib.contextmanager
     def mode(self):

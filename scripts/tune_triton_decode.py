@@ -1,0 +1,108 @@
+"""Times the torch backend's fused decode step (``backends/triton_decode.py``) on a GPU for
+several launch configurations: per-step time (a CUDA graph of the state restore + one step,
+minus the restore alone) and each kernel's time (torch.profiler).
+
+    python scripts/tune_triton_decode.py --model DIR [--batch 1,45] [--cache-len 3000]
+
+The state is mid-frame (nothing chosen yet, no task-loss stop), so every step runs all its
+kernels; the cache holds ``--cache-len`` keys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+
+def main(argv=None) -> int:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    import autogaze_wgpu as ag
+    from autogaze_wgpu.backends.triton_decode import FusedDecoder
+    from autogaze_wgpu.reference.modeling import rope_cos_sin
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, type=Path)
+    p.add_argument("--batch", default="1,45")
+    p.add_argument("--cache-len", type=int, default=3000)
+    p.add_argument("--capacity", type=int, default=6656)
+    p.add_argument("--block-n", default="16,32")
+    p.add_argument("--attn", default="256x64,128x64,256x128", help="split x block keys")
+    p.add_argument("--warps", default="2,4")
+    p.add_argument("--reps", type=int, default=200)
+    a = p.parse_args(argv)
+    model = ag.AutoGaze.from_pretrained(a.model, backend="torch", device="cuda", decode_kernels="triton")
+    be = model.backend
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for B in [int(x) for x in a.batch.split(",")]:
+        for bn, attn, nw in itertools.product(a.block_n.split(","), a.attn.split(","), a.warps.split(",")):
+            split, abn = (int(x) for x in attn.split("x"))
+            cfg = dict(BLOCK_N=int(bn), ATTN_SPLIT=split, ATTN_BLOCK_N=abn, NUM_WARPS=int(nw))
+            fused = type("Tuned", (FusedDecoder,), cfg)(be)
+            be.fused = fused
+            st = be.acquire_state(B, a.capacity)
+            L = a.cache_len
+            st.k_cache.normal_(generator=g)
+            st.v_cache.normal_(generator=g)
+            st.key_mask[:, :L] = True
+            st.logits.normal_(generator=g)
+            st.task_loss.fill_(1.0)
+            st.decode_pos.copy_(torch.arange(L - st.K, L, device="cuda")[None].expand(B, st.K))
+            cos, sin = rope_cos_sin(be.model.gaze_decoder.model.inv_freq, st.decode_pos)
+            st.rope_cos.copy_(cos)
+            st.rope_sin.copy_(sin)
+            st.chosen.zero_(); st.finished.zero_(); st.n_frame.zero_(); st.done.zero_()
+            st.first.fill_(False); st.budget.fill_(265); st.has_requirement.fill_(False)
+            st.cache_len.fill_(L)
+            saved = [t.clone() for t in (st.chosen, st.n_frame, st.done, st.cache_len, st.frame_tokens)]
+            live = (st.chosen, st.n_frame, st.done, st.cache_len, st.frame_tokens)
+
+            def restore():
+                for t, v in zip(live, saved):
+                    t.copy_(v)
+
+            def one():
+                restore()
+                fused.step(st)
+
+            with torch.no_grad():
+                one(); one()  # compile
+                torch.cuda.synchronize()
+                graphs = {}
+                for name, fn in (("restore", restore), ("step", one)):
+                    gr = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(gr):
+                        fn()
+                    graphs[name] = gr
+                times = {}
+                for name, gr in graphs.items():
+                    gr.replay(); torch.cuda.synchronize()
+                    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    e0.record()
+                    for _ in range(a.reps):
+                        gr.replay()
+                    e1.record(); torch.cuda.synchronize()
+                    times[name] = e0.elapsed_time(e1) / a.reps * 1e3
+                ran = int(st.cache_len) == L + st.K
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for _ in range(20):
+                        graphs["step"].replay()
+                    torch.cuda.synchronize()
+            per = defaultdict(lambda: [0, 0.0])
+            for e in prof.events():
+                if e.device_type == torch.autograd.DeviceType.CUDA and e.name.startswith("_"):
+                    per[e.name][0] += 1
+                    per[e.name][1] += e.device_time
+            ks = " ".join(f"{n}={us / c:.1f}" for n, (c, us) in sorted(per.items()))
+            print(f"B={B:3d} {cfg} step {times['step'] - times['restore']:7.1f} us (ran={ran}) | {ks}", flush=True)
+            be.release_state(st)
+            be.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""The torch backend's fused decode step (``backends/triton_decode.py``) against the eager
+step and the reference. On CPU (CI) the Triton kernels run under Triton's interpreter
+(conftest sets TRITON_INTERPRET=1); AUTOGAZE_TEST_DEVICE=cuda runs them compiled on the GPU,
+inside CUDA graphs."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from conftest import MODEL_DIR, case_pixel_values
+
+import autogaze_wgpu as ag
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+DEVICE = os.environ.get("AUTOGAZE_TEST_DEVICE", "cpu")
+
+
+def _model(kernels: str):
+    return ag.AutoGaze.from_pretrained(MODEL_DIR, backend="torch", device=DEVICE, decode_kernels=kernels)
+
+
+@pytest.fixture(scope="module")
+def fused():
+    m = _model("triton")
+    assert m.backend.fused is not None
+    return m
+
+
+@pytest.fixture(scope="module")
+def eager():
+    m = _model("torch")
+    assert m.backend.fused is None
+    return m
+
+
+def test_decode_kernels_choice_and_errors():
+    if DEVICE == "cpu":  # auto: the eager step off CUDA
+        assert _model("auto").backend.fused is None
+    else:
+        assert _model("auto").backend.fused is not None
+        fast = ag.AutoGaze.from_pretrained(MODEL_DIR, backend="torch", device=DEVICE, precision="tf32")
+        assert fast.backend.fused is None  # the fast modes keep the eager step
+    with pytest.raises(ag.InputError, match="decode_kernels must be one of"):
+        _model("cuda")
+    with pytest.raises(ag.InputError, match="takes no option 'decode_kernels'"):
+        ag.AutoGaze.from_pretrained(MODEL_DIR, backend="reference", decode_kernels="torch")
+
+
+def test_triton_on_cpu_without_the_interpreter_is_refused(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ag.BackendError, match="runs on CUDA devices"):
+        ag.AutoGaze.from_pretrained(MODEL_DIR, backend="torch", device="cpu", decode_kernels="triton")
+
+
+def _state_pair(fused_be, eager_be, B, seed, scenario):
+    """Two DecodeStates (fused, eager) in the same mid-frame state: a cache of L random
+    keys/values, the heads' outputs of the last step, and the frame's bookkeeping."""
+    from autogaze_wgpu.reference.modeling import rope_cos_sin
+
+    g = torch.Generator().manual_seed(seed)
+    L, cap = 300, 512
+    a = fused_be.acquire_state(B, cap)
+    b = eager_be.acquire_state(B, cap)
+    K, V, pad = a.K, a.V, a.pad
+    dev = a.k_cache.device
+    rnd = lambda *s: torch.randn(*s, generator=g).to(dev)  # noqa: E731
+    a.k_cache[:, :, :, :L] = rnd(*a.k_cache[:, :, :, :L].shape)
+    a.v_cache[:, :, :, :L] = rnd(*a.v_cache[:, :, :, :L].shape)
+    a.key_mask[:, :L] = (torch.rand(B, L, generator=g) > 0.2).to(dev)
+    a.key_mask[:, 0] = True
+    a.logits.copy_(rnd(B, K, V) * 3)
+    # Row 0 meets the requirement at slot 5 (it finishes, later slots keep their tokens);
+    # row 1 would meet at slot 0, which never meets in a frame's first step.
+    tl_pred = torch.ones(B, K)
+    tl_pred[0, 5], tl_pred[1, 0] = 0.5, 0.6
+    a.task_loss.copy_(tl_pred)
+    a.decode_pos.copy_(torch.arange(L - K, L)[None].expand(B, K))
+    a.chosen.zero_()
+    a.finished.zero_()
+    a.n_frame.fill_(20)
+    a.cache_len.fill_(L)
+    a.done.fill_(False)
+    a.first.fill_(scenario == "first")
+    a.budget.fill_(198)
+    a.has_requirement.fill_(scenario not in ("no-requirement", "exhausted", "finished-exhausted"))
+    a.requirement.fill_(0.7)
+    if scenario in ("exhausted", "finished-exhausted"):
+        # row 0 has 4 ids left: an unfinished row with k ids left is exhausted at head k
+        a.chosen[0] = True
+        a.chosen[0, torch.tensor([3, 50, 100, 264])] = False
+        if scenario == "finished-exhausted":  # a finished row never exhausts the batch
+            a.finished[0] = True
+    if scenario == "budget":
+        a.n_frame.fill_(198 - 3)
+    if scenario == "done":
+        a.done.fill_(True)
+    cos, sin = rope_cos_sin(fused_be.model.gaze_decoder.model.inv_freq, a.decode_pos)
+    a.rope_cos.copy_(cos)
+    a.rope_sin.copy_(sin)
+    for t_a, t_b in zip(a._state_tensors(), b._state_tensors()):
+        t_b.copy_(t_a)
+    b.decode_pos.copy_(a.decode_pos)
+    b.budget.copy_(a.budget)
+    b.requirement.copy_(a.requirement)
+    b.has_requirement.copy_(a.has_requirement)
+    b.kv_len = cap
+    return a, b
+
+
+@pytest.mark.parametrize(
+    "scenario", ["plain", "first", "no-requirement", "exhausted", "finished-exhausted", "budget", "done"]
+)
+def test_fused_step_equals_the_eager_step(fused, eager, scenario):
+    B = 3
+    a, b = _state_pair(fused.backend, eager.backend, B, seed=hash(scenario) % 1000, scenario=scenario)
+    with torch.no_grad():
+        a._decode_step()
+        b._decode_step()
+    n, L = int(b.n_frame), int(b.cache_len)
+    for name in ("n_frame", "cache_len", "done", "first", "finished"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), (scenario, name, getattr(a, name), getattr(b, name))
+    assert torch.equal(a.frame_tokens[:, :n], b.frame_tokens[:, :n]), scenario
+    assert torch.equal(a.chosen[:, : a.pad], b.chosen[:, : b.pad]), scenario
+    assert torch.equal(a.key_mask[:, :L], b.key_mask[:, :L]), scenario
+    ran = L > 300
+    assert ran == (scenario not in ("exhausted", "budget", "done")), scenario
+    if ran:  # the step's tokens went through the decoder: K/V and the heads agree to float32
+        # noise over 4 layers (SPEC's step-logit tolerance is 1e-3)
+        for x, y in ((a.k_cache, b.k_cache), (a.v_cache, b.v_cache)):
+            torch.testing.assert_close(x[:, :, :, :L], y[:, :, :, :L], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(a.logits, b.logits, atol=1e-3, rtol=0)
+        torch.testing.assert_close(a.task_loss, b.task_loss, atol=5e-5, rtol=0)
+    fused.backend.release_state(a)
+    eager.backend.release_state(b)
+
+
+def test_fused_generate_equals_the_reference(fused):
+    pv = case_pixel_values("a")[:, :2]
+    pv = np.concatenate([pv, pv[:, ::-1]], 0)  # batch 2: rows finish at different steps
+    ref = ag.AutoGaze.from_pretrained(MODEL_DIR, backend="reference", device=DEVICE)
+    # (the interpreter runs ~1 s per step on CI's CPU: few slots per frame)
+    for kw in ({"gazing_ratio": 0.15, "task_loss_requirement": 0.7}, {"gazing_ratio": 0.05}):
+        got, want = fused.generate(pv, **kw), ref.generate(pv, **kw)
+        np.testing.assert_array_equal(got.num_gazing_each_frame, want.num_gazing_each_frame)
+        np.testing.assert_array_equal(got.gazing_pos, want.gazing_pos)
+        np.testing.assert_array_equal(got.if_padded_gazing, want.if_padded_gazing)
+
+
+def test_fused_stream_equals_the_clip(fused):
+    pv = case_pixel_values("a")[:, :2]
+    kw = {"gazing_ratio": 0.05, "task_loss_requirement": 0.7}
+    clip = fused.generate(pv, **kw)
+    s = fused.stream(batch_size=1, **kw)
+    tokens = [s.step(pv[:, t : t + 1]).frame_tokens[0] for t in range(2)]
+    for got, want in zip(tokens, clip.frame_tokens):
+        np.testing.assert_array_equal(got, want)
