@@ -230,14 +230,22 @@ def test_huge_frames_are_refused_before_copying(backend):
 
 
 def _host_checked(backend: str) -> bool:
-    """Whether this backend's own buffers are checked against host memory here."""
+    """Whether this backend's own buffers are checked against host memory here (wgpu: on a
+    CPU adapter, host memory is one of its limits)."""
     if backend == "wgpu":
         return memory._wgpu_adapter_is_cpu()
     return os.environ.get("AUTOGAZE_TEST_DEVICE", "cpu") == "cpu"
 
 
+def _memory_checked(backend: str) -> bool:
+    """Whether this backend's calls are checked against a known memory size here."""
+    if backend == "wgpu":
+        return _host_checked(backend) or load_model("wgpu").backend.memory_available()["bytes"] is not None
+    return _host_checked(backend)
+
+
 def test_calls_that_cannot_fit_are_refused_with_the_numbers(backend):
-    if not _host_checked(backend):
+    if not _memory_checked(backend):
         pytest.skip("this adapter's memory size is not known (the engine's own checks apply)")
     model = load_model(backend)
     # tiny frames, but 4096 rows x 300 frames: the KV cache alone is ~1.6 TiB
@@ -251,11 +259,87 @@ def test_calls_that_cannot_fit_are_refused_with_the_numbers(backend):
             "available",
         ],
     )
-    assert "host memory" in msg
+    # wgpu: the smaller of the device's memory and (CPU adapter) host memory
+    assert ("GPU memory" in msg or "host memory" in msg) if backend == "wgpu" else "host memory" in msg
     _refused_quickly(
         lambda: model.embed(_huge_view((100_000, 16, 3, 1, 1))),
         ["embed on", "model input", "available"],
     )
+
+
+def test_wgpu_memory_estimates_equal_what_the_engine_allocates():
+    """The wgpu engine's estimate of each call (generate, embed, score, raw uint8 frames, a
+    stream's session) equals the bytes of the buffers it then creates (the engine counts
+    them); each call has a new frame size, so each needs a new workspace."""
+    model = _fresh("wgpu")
+    eng, be = model.backend.engine, model.backend
+
+    def created(call):
+        before = eng._allocated_bytes
+        call()
+        return eng._allocated_bytes - before
+
+    V = model.config.num_vision_tokens_each_frame
+    x = _pixels(1, T=2, size=36)
+    est = be.memory_estimate(x.shape, [13, 13], "generate")
+    assert created(lambda: model.generate(x, gazing_ratio=13 / V)) == est["total"], est
+    assert created(lambda: model.generate(x, gazing_ratio=13 / V)) == 0  # the cached workspace
+    x = _pixels(2, T=3, B=2, size=44)
+    est = be.memory_estimate(x.shape, None, "embed")
+    assert created(lambda: model.embed(x)) == est["total"], est
+    x = _pixels(3, T=2, size=52)
+    out = model.generate(x, gazing_ratio=0.05)
+    lens = [int(n) for n in out.num_gazing_each_frame]
+    est = be.memory_estimate(x.shape, lens, "score")
+    # generate above already made a workspace of this frame size, but a smaller cache: score
+    # needs a new one
+    assert created(lambda: model.score(x, out)) == est["total"], est
+    proc = ag.AutoGazeProcessor.from_pretrained(MODEL_DIR)
+    frames = np.random.default_rng(0).integers(0, 256, (1, 2, 60, 90, 3), dtype=np.uint8)
+    raw = proc.raw(frames)
+    est = be.memory_estimate(raw.shape, [13, 13], "generate", frames.shape[2:4])
+    assert created(lambda: model.generate(raw, gazing_ratio=13 / V)) == est["total"], est
+    est = eng.estimate_session(1, 16, 30, 30)
+    s = model.stream(gazing_ratio=0.05)
+    assert created(lambda: s.step(_pixels(4, size=30))) == est["total"], est
+
+
+def test_wgpu_calls_beyond_the_device_memory_are_refused_before_allocating():
+    """An absurd call is refused with DeviceError naming the engine's estimate and the
+    available bytes, before the engine creates a buffer; with the device's free memory
+    simulated at 64 MiB, a clip of 8 x 8 frames (~190 MiB of KV cache) is refused the same
+    way, an unbounded stream shrinks its session to fit (1024 frames -> 256 -> 64 -> 16), and
+    a small call still runs. The model works afterwards."""
+    model = _fresh("wgpu")
+    eng, be = model.backend.engine, model.backend
+    before = eng._allocated_bytes
+    x = _huge_view((4096, 300, 3, 1, 1))
+    est = be.memory_estimate(x.shape, [26] * 300, "generate")
+    avail = be.memory_available()
+    msg = _refused_quickly(
+        lambda: model.generate(x, gazing_ratio=0.1),
+        ["generate on (4096, 300, 3, 1, 1)", f"({est['total']} bytes)", "KV cache (4 layers)"],
+    )
+    shown = int(msg.split("is available (")[1].split(" bytes)")[0])
+    assert 0 < shown <= (avail["bytes"] or shown) and shown < est["total"], msg
+    eng._simulate_free_device_memory(64 << 20)
+    try:
+        clip = _pixels(5, T=8, B=8, size=8)
+        need = be.memory_estimate(clip.shape, [265] * 8, "generate")["total"]
+        assert need > 64 << 20
+        _refused_quickly(
+            lambda: model.generate(clip, gazing_ratio=1.0),
+            [f"({need} bytes)", "is available (67108864 bytes)", "GPU memory", ": simulated)"],
+        )
+        assert eng._allocated_bytes == before, "nothing was allocated"
+        stream = model.stream(gazing_ratio=0.05, horizon=None)
+        stream.step(_pixels(6, size=24))
+        assert stream._state.session.max_frames == 16  # 1024 and 256: bindings; 64: memory
+        small = _pixels(7, size=20)
+        model.generate(small, gazing_ratio=0.05)
+    finally:
+        eng._simulate_free_device_memory(None)
+    _same(model.generate(small, gazing_ratio=0.05), _fresh("wgpu").generate(small, gazing_ratio=0.05))
 
 
 def test_refusal_names_the_available_amount(backend, monkeypatch):

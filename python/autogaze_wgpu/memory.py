@@ -7,15 +7,18 @@ the numbers before anything is allocated, instead of being OOM-killed or swappin
   strided view of a huge frame would otherwise be materialised first);
 * ``check_call``: the backend's buffers for a ``generate`` / ``embed`` / ``score`` call (input
   on the device, the 224x224 model input, vision activations, KV cache, attention scores),
-  against host memory, or against free CUDA memory for torch-based backends on CUDA.
+  against host memory, or against free CUDA memory for torch-based backends on CUDA. For
+  wgpu the engine itself says, exactly, what the call's workspace and buffers take
+  (``WgpuEngine.estimate_*``, from the sizes its allocation uses) and what the device can
+  give (``WgpuEngine.memory_available``: on Vulkan the device-local heap and
+  VK_EXT_memory_budget's budget); on a CPU adapter host memory bounds it too.
 
-The estimates count the largest buffers live at once (a lower bound of the peak, not an
-upper one), so a refusal means the call cannot fit; a call that passes can still run out of
-memory when the rest of the process or machine needs more. Available host memory is
-``MemAvailable`` from /proc/meminfo (else the free physical pages); where it cannot be read
-there is no check. The wgpu engine exposes no memory size: its buffers are checked against
-host memory when the adapter is a CPU one (lavapipe), and otherwise only by the engine's own
-binding-limit and out-of-memory checks.
+The torch/reference estimates count the largest buffers live at once (a lower bound of the
+peak, not an upper one), so a refusal means the call cannot fit; a call that passes can still
+run out of memory when the rest of the process or machine needs more. Available host memory
+is ``MemAvailable`` from /proc/meminfo (else the free physical pages); where it cannot be read
+there is no check. A wgpu adapter whose backend reports no memory size (Metal, DX12, GL
+through wgpu) is checked only by the engine's binding limits and out-of-memory scopes.
 """
 
 from __future__ import annotations
@@ -128,10 +131,14 @@ def _describe(parts: dict[str, int]) -> str:
     return ", ".join(f"{k} {fmt_bytes(v)}" for k, v in parts.items() if v)
 
 
-def _refuse(what: str, need: int, parts: dict[str, int], where: str, available: int) -> DeviceError:
+def _refuse(
+    what: str, need: int, parts: dict[str, int], where: str, available: int, exact: bool = False
+) -> DeviceError:
+    """exact: the estimate is the buffers' exact size (wgpu): the byte counts are given too."""
+    n, a = (f" ({need} bytes)", f" ({available} bytes)") if exact else ("", "")
     return DeviceError(
-        f"{what} needs about {fmt_bytes(need)} of {where} ({_describe(parts)}), but only "
-        f"{fmt_bytes(available)} is available; use smaller or fewer frames (e.g. the "
+        f"{what} needs about {fmt_bytes(need)}{n} of {where} ({_describe(parts)}), but only "
+        f"{fmt_bytes(available)} is available{a}; use smaller or fewer frames (e.g. the "
         "processor's 224 px resize), a smaller batch, or shorter clips"
     )
 
@@ -160,28 +167,49 @@ def check_input_copy(shape: tuple[int, ...], copy: bool, device: Any = None) -> 
         )
 
 
-def check_call(backend, cfg: AutoGazeConfig, shape, budgets=None, kind: str = "generate") -> None:
-    """Refuses a call whose buffers cannot fit where ``backend`` allocates them."""
-    if kind == "score" and getattr(backend, "name", None) == "wgpu":
-        kind = "generate"  # wgpu scores forward by forward: a frame's block at most, as generate
-    parts = estimate_call_bytes(cfg, shape, budgets, kind)
-    device = getattr(backend, "device", None)
+def _check_wgpu_call(backend, what: str, shape, budgets, kind: str, source_size) -> None:
+    """The wgpu engine's exact estimate against the device's memory (and host memory on a
+    CPU adapter, whose buffers live there)."""
+    est = backend.memory_estimate(shape, budgets, kind, source_size)
+    avail = backend.memory_available()
+    limits = []
+    if avail["bytes"] is not None:
+        limits.append((int(avail["bytes"]), f"GPU memory ({backend.adapter_name}: {avail['source']})"))
+    if _wgpu_adapter_is_cpu():
+        host = available_host_bytes()
+        if host is not None:
+            limits.append((host, "host memory (a CPU adapter)"))
+    if not limits:
+        return  # no memory size: the engine's binding and out-of-memory checks apply
+    available, where = min(limits)
+    need = int(est["total"])
+    if need > available:
+        raise _refuse(what, need, dict(est["parts"]), where, available, exact=True)
+
+
+def check_call(
+    backend, cfg: AutoGazeConfig, shape, budgets=None, kind: str = "generate", source_size=None
+) -> None:
+    """Refuses a call whose buffers cannot fit where ``backend`` allocates them.
+
+    source_size: (H, W) of the uint8 frames when the input is ``RawFrames`` (the wgpu engine
+    preprocesses them on the GPU, which takes buffers of its own)."""
     what = f"{kind} on {tuple(int(v) for v in shape)}" + (
         f" with up to {max(budgets)} gazes per frame" if budgets else ""
     )
+    if hasattr(backend, "memory_estimate"):
+        _check_wgpu_call(backend, what, shape, budgets, kind, source_size)
+        return
+    parts = estimate_call_bytes(cfg, shape, budgets, kind)
+    device = getattr(backend, "device", None)
     if getattr(device, "type", None) == "cuda":
         # Everything goes to the GPU, the input included (it is copied there from the host).
         need, available = sum(parts.values()), available_cuda_bytes(device)
         if available is not None and need > available:
             raise _refuse(what, need, parts, f"memory on {device}", available)
         return
-    if getattr(backend, "name", None) == "wgpu" and not _wgpu_adapter_is_cpu():
-        return  # GPU memory size unknown: the engine's binding and OOM checks apply
-    # CPU torch, or a CPU wgpu adapter: the input already exists, the rest is new host memory
-    # (a CPU wgpu adapter uploads the input too).
-    new = {
-        k: v for k, v in parts.items() if k != "input" or getattr(backend, "name", None) == "wgpu"
-    }
+    # CPU torch: the input already exists, the rest is new host memory.
+    new = {k: v for k, v in parts.items() if k != "input"}
     need, available = sum(new.values()), available_host_bytes()
     if available is not None and need > available:
         raise _refuse(what, need, new, "host memory", available)

@@ -23,12 +23,15 @@ use super::pipeline::{BindingKind, Kernel};
 /// Size reserved for one parameter block (every params struct is at most this big).
 pub const PARAMS_BLOCK: u64 = 256;
 
-fn round_size(bytes: u64) -> u64 {
+/// The size a buffer of `bytes` requested bytes is created with (every creation below and
+/// the engine's memory estimates use it).
+pub(crate) fn round_size(bytes: u64) -> u64 {
     bytes.max(16).div_ceil(16) * 16
 }
 
 impl GpuContext {
-    fn check_size(&self, label: &str, bytes: u64) -> Result<()> {
+    /// Refuses a storage buffer larger than the adapter's largest binding.
+    pub(crate) fn check_size(&self, label: &str, bytes: u64) -> Result<()> {
         if bytes > self.max_binding() {
             return Err(Error::Device(format!(
                 "buffer `{label}` needs {bytes} bytes, more than this adapter's largest storage \
@@ -44,6 +47,7 @@ impl GpuContext {
     pub fn storage(&self, label: &str, bytes: u64) -> Result<wgpu::Buffer> {
         let size = round_size(bytes);
         self.check_size(label, size)?;
+        self.count_allocation(size);
         self.scoped(&format!("allocating `{label}`"), || {
             Ok(self.device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some(label),
@@ -61,6 +65,7 @@ impl GpuContext {
         let mut bytes = bytemuck::cast_slice::<T, u8>(data).to_vec();
         bytes.resize(round_size(bytes.len() as u64) as usize, 0);
         self.check_size(label, bytes.len() as u64)?;
+        self.count_allocation(bytes.len() as u64);
         self.scoped(&format!("uploading `{label}`"), || {
             Ok(self
                 .device
@@ -77,6 +82,7 @@ impl GpuContext {
     /// A MAP_READ buffer for readbacks.
     pub fn staging(&self, label: &str, bytes: u64) -> Result<wgpu::Buffer> {
         let size = round_size(bytes);
+        self.count_allocation(size);
         self.scoped(&format!("allocating `{label}`"), || {
             Ok(self.device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some(label),
@@ -139,10 +145,22 @@ pub struct ParamArena {
 }
 
 impl ParamArena {
+    fn align(ctx: &GpuContext) -> u64 {
+        (ctx.limits.min_uniform_buffer_offset_alignment as u64).max(PARAMS_BLOCK)
+    }
+
+    /// Bytes of the buffer of an arena for `blocks` blocks (None: more than u64 holds).
+    pub fn bytes(ctx: &GpuContext, blocks: usize) -> Option<u64> {
+        Self::align(ctx).checked_mul(blocks.max(1) as u64)
+    }
+
     /// An arena for up to `blocks` distinct parameter blocks.
     pub fn new(ctx: &GpuContext, blocks: usize) -> Result<Self> {
-        let align = (ctx.limits.min_uniform_buffer_offset_alignment as u64).max(PARAMS_BLOCK);
-        let capacity = align * blocks.max(1) as u64;
+        let align = Self::align(ctx);
+        let capacity = Self::bytes(ctx, blocks).ok_or_else(|| {
+            Error::Device(format!("a parameter arena of {blocks} blocks is too large"))
+        })?;
+        ctx.count_allocation(capacity);
         let buffer = ctx.scoped("allocating the parameter arena", || {
             Ok(ctx.device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some("params"),
@@ -457,6 +475,7 @@ impl<'a> Recorder<'a> {
         };
         let n = p.labels.len() as u64;
         let bytes = (n * 8).max(8);
+        ctx.count_allocation(bytes);
         let resolve = ctx.scoped("allocating profiler buffers", || {
             Ok(ctx.device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some("profiler resolve"),

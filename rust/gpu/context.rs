@@ -49,6 +49,24 @@ pub struct GpuContext {
     health: Arc<Mutex<Health>>,
     /// Fault injection for tests: the next allocation reports out of memory.
     fail_next_allocation: std::sync::atomic::AtomicBool,
+    /// Bytes of every buffer created on this device so far (never decreases): the tests
+    /// compare it with the engine's memory estimates.
+    allocated: std::sync::atomic::AtomicU64,
+    /// Fault injection for tests: free device memory to report instead of the driver's
+    /// (u64::MAX: none).
+    simulated_free: std::sync::atomic::AtomicU64,
+}
+
+/// How much memory the device can still give, as far as the backend tells.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceMemory {
+    /// Size of the largest device-local heap (None: the backend does not say).
+    pub heap_size: Option<u64>,
+    /// Its budget minus what is in use (VK_EXT_memory_budget: every process's allocations,
+    /// this one's included), when the driver reports it.
+    pub free: Option<u64>,
+    /// Where the numbers come from, or why there are none.
+    pub source: String,
 }
 
 impl std::fmt::Debug for GpuContext {
@@ -155,6 +173,110 @@ impl GpuContext {
             pipelines: PipelineCache::default(),
             health,
             fail_next_allocation: std::sync::atomic::AtomicBool::new(false),
+            allocated: std::sync::atomic::AtomicU64::new(0),
+            simulated_free: std::sync::atomic::AtomicU64::new(u64::MAX),
+        })
+    }
+
+    /// Counts a created buffer of `bytes` (see [`GpuContext::allocated_bytes`]).
+    pub(crate) fn count_allocation(&self, bytes: u64) {
+        self.allocated
+            .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Bytes of all buffers created on this device so far (freed ones included).
+    pub fn allocated_bytes(&self) -> u64 {
+        self.allocated.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The device-local memory the adapter reports. On Vulkan: the largest `DEVICE_LOCAL`
+    /// heap and, when the device enabled VK_EXT_memory_budget (wgpu enables it where the
+    /// driver has it), that heap's budget minus its usage. Other backends (Metal, DX12, GL)
+    /// expose no memory size through wgpu: both are None.
+    pub fn device_memory(&self) -> DeviceMemory {
+        let sim = self
+            .simulated_free
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if sim != u64::MAX {
+            return DeviceMemory {
+                heap_size: Some(sim),
+                free: Some(sim),
+                source: "simulated".into(),
+            };
+        }
+        #[cfg(any(
+            windows,
+            target_os = "linux",
+            target_os = "android",
+            target_os = "freebsd"
+        ))]
+        if let Some(m) = self.vulkan_memory() {
+            return m;
+        }
+        DeviceMemory {
+            heap_size: None,
+            free: None,
+            source: format!(
+                "the {} backend reports no memory size through wgpu",
+                self.info.backend
+            ),
+        }
+    }
+
+    /// [`GpuContext::device_memory`] through wgpu's hal access to the Vulkan device (None
+    /// when the device is not a Vulkan one).
+    #[cfg(any(
+        windows,
+        target_os = "linux",
+        target_os = "android",
+        target_os = "freebsd"
+    ))]
+    fn vulkan_memory(&self) -> Option<DeviceMemory> {
+        use ash::vk;
+        // SAFETY: only read-only queries of the physical device are made through the raw
+        // handles; nothing wgpu owns is created, changed or destroyed.
+        let hal = unsafe { self.device.as_hal::<wgpu::hal::api::Vulkan>() }?;
+        let phd = hal.raw_physical_device();
+        let shared = hal.shared_instance();
+        let instance = shared.raw_instance();
+        // SAFETY: `phd` is the physical device of this live instance.
+        let base = unsafe { instance.get_physical_device_memory_properties(phd) };
+        let heaps = base.memory_heaps_as_slice();
+        let local: Vec<usize> = (0..heaps.len())
+            .filter(|&i| heaps[i].flags.contains(vk::MemoryHeapFlags::DEVICE_LOCAL))
+            .collect();
+        let largest = local.iter().copied().max_by_key(|&i| heaps[i].size)?;
+        // vkGetPhysicalDeviceMemoryProperties2 is Vulkan 1.1 (instance and device), and the
+        // budget struct may be chained only when the extension is there.
+        let api = unsafe { instance.get_physical_device_properties(phd) }.api_version;
+        let budget_ok = shared.instance_api_version() >= vk::API_VERSION_1_1
+            && api >= vk::API_VERSION_1_1
+            && hal
+                .enabled_device_extensions()
+                .contains(&ash::ext::memory_budget::NAME);
+        let mut free = None;
+        if budget_ok {
+            let mut budget = vk::PhysicalDeviceMemoryBudgetPropertiesEXT::default();
+            let mut props = vk::PhysicalDeviceMemoryProperties2::default().push_next(&mut budget);
+            // SAFETY: as above; the instance is Vulkan 1.1, so the entry point is loaded.
+            unsafe { instance.get_physical_device_memory_properties2(phd, &mut props) };
+            // The largest free amount of any device-local heap (a buffer lives in one heap).
+            free = local
+                .iter()
+                .filter_map(|&i| {
+                    let (b, u) = (budget.heap_budget.get(i)?, budget.heap_usage.get(i)?);
+                    Some(b.saturating_sub(*u))
+                })
+                .max();
+        }
+        Some(DeviceMemory {
+            heap_size: Some(heaps[largest].size),
+            free,
+            source: if free.is_some() {
+                "Vulkan VK_EXT_memory_budget".into()
+            } else {
+                "Vulkan device-local heap size (no VK_EXT_memory_budget)".into()
+            },
         })
     }
 
@@ -187,6 +309,16 @@ impl GpuContext {
     pub fn simulate_oom_on_next_allocation(&self) {
         self.fail_next_allocation
             .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Fault injection for tests: [`GpuContext::device_memory`] reports `free` bytes free
+    /// (None: the driver's numbers again).
+    #[doc(hidden)]
+    pub fn simulate_free_device_memory(&self, free: Option<u64>) {
+        self.simulated_free.store(
+            free.unwrap_or(u64::MAX),
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
 
     /// Runs `f` inside out-of-memory and validation error scopes and maps what they catch

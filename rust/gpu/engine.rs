@@ -28,8 +28,8 @@ use crate::config::AutoGazeConfig;
 use crate::error::{Error, Result};
 use crate::weights::Weights;
 
-use super::buffer::{KernelTime, ParamArena, Recorder};
-use super::context::GpuContext;
+use super::buffer::{KernelTime, ParamArena, Recorder, round_size};
+use super::context::{DeviceMemory, GpuContext};
 use super::ops::attention::{Attention, AttnParams};
 use super::ops::layernorm::{LayerNorm, LnShape};
 use super::ops::matmul::{ALoad, Epi, Extra, Matmul, MatmulParams, MatmulSpec, Tile};
@@ -435,13 +435,13 @@ struct WsSpec {
 impl WsSpec {
     /// A call on `frames`, its vision in chunks of `tc` frames: the input side; the rest at
     /// its least (callers set the cache, output frames, debug rows and score slots they need).
-    fn clip(frames: &Frames, tc: usize) -> Self {
+    fn clip(frames: &FrameShape, tc: usize) -> Self {
         Self {
             batch: frames.b,
             frames: tc,
             ring: tc + 2,
             in_hw: (frames.h, frames.w),
-            src_hw: frames.src_hw(),
+            src_hw: frames.src_hw,
             cap: CAP_SLACK,
             out_frames: 1,
             debug_steps: 0,
@@ -476,6 +476,8 @@ struct PhaseBgs {
 struct Workspace {
     arena: ParamArena,
     r: Res,
+    /// Bytes of its buffers ([`WsSizes`]).
+    bytes: u64,
 }
 
 /// One pass of the GPU preprocessing (uint8 frames -> pixel values).
@@ -501,27 +503,20 @@ impl PreRes {
     fn new(
         ctx: &GpuContext,
         arena: &ParamArena,
-        frames: usize,
+        sz: &PrepSizes,
         src: (usize, usize),
         out: (usize, usize),
         dst: &wgpu::Buffer,
     ) -> Result<Self> {
-        let raw = ctx.storage(
-            "uint8 frames",
-            (frames * frame_words(src.0, src.1) * 4) as u64,
-        )?;
-        let lut = ctx.storage("normalisation table", 768 * 4)?;
+        let raw = ctx.storage("uint8 frames", sz.raw)?;
+        let lut = ctx.storage("normalisation table", sz.lut)?;
         let mut keep = Vec::new();
         let mut passes = Vec::new();
-        let steps = plan(src, out);
-        // Between two passes: one-word uint8 values of the first pass's output.
-        let tmp = match steps.iter().find(|p| p.dst == Dst::U32) {
-            Some(p) => {
-                Some(ctx.storage("resized rows", (frames * p.out.0 * p.out.1 * 3 * 4) as u64)?)
-            }
+        let tmp = match sz.tmp {
+            Some(bytes) => Some(ctx.storage("resized rows", bytes)?),
             None => None,
         };
-        for pass in steps {
+        for pass in plan(src, out) {
             let (taps, k) = pass.coeffs();
             let coef = ctx.storage_init("resize coefficients", &k)?;
             let between = || {
@@ -595,22 +590,98 @@ fn out_words(spec: &WsSpec, d: &Dims) -> usize {
     spec.out_frames + spec.batch * spec.out_frames * d.nv
 }
 
-impl Workspace {
-    fn new(
-        ctx: &GpuContext,
-        ops: &Ops,
-        d: &Dims,
-        wts: &wgpu::Buffer,
-        inv_freq: &[f32],
-        spec: WsSpec,
-    ) -> Result<Self> {
-        let f = 4u64;
+/// 1536 -> "1.5 KiB".
+fn fmt_bytes(n: u64) -> String {
+    let mut v = n as f64;
+    for unit in ["bytes", "KiB", "MiB", "GiB"] {
+        if v < 1024.0 {
+            return if unit == "bytes" {
+                format!("{n} bytes")
+            } else {
+                format!("{v:.1} {unit}")
+            };
+        }
+        v /= 1024.0;
+    }
+    format!("{v:.1} TiB")
+}
+
+/// Bytes a buffer of the product of `factors` 4-byte words is created with (rounded as
+/// every creation rounds), or a `DeviceError` naming it when that does not fit in u64.
+fn buf(label: &str, factors: &[usize]) -> Result<u64> {
+    factors
+        .iter()
+        .try_fold(4u64, |a, &v| a.checked_mul(v as u64))
+        .map(round_size)
+        .ok_or_else(|| {
+            Error::Device(format!(
+                "buffer `{label}` of {factors:?} 4-byte words would need more than 2^64 bytes"
+            ))
+        })
+}
+
+/// Buffers of the GPU preprocessing ([`PreRes`]).
+struct PrepSizes {
+    raw: u64,
+    lut: u64,
+    /// Between two passes: one-word uint8 values of the first pass's output.
+    tmp: Option<u64>,
+    /// Each pass's coefficient rows.
+    coef: Vec<u64>,
+}
+
+/// The bytes of every buffer a workspace of one [`WsSpec`] creates: the one place their
+/// sizes are computed, for the allocation ([`Workspace::new`]) and for the memory estimates
+/// ([`Engine::estimate_generate`] and friends), so the two cannot drift apart (the tests
+/// compare the estimates with [`GpuContext::allocated_bytes`]).
+struct WsSizes {
+    arena_blocks: usize,
+    arena: u64,
+    /// The call's pixel values when they need the bicubic resize.
+    pix: Option<u64>,
+    img: u64,
+    /// Each of the patch features, conv features and vision embeds.
+    tok: u64,
+    lnw: u64,
+    x: u64,
+    q: u64,
+    h: u64,
+    part: u64,
+    /// Each of the `layers` KV caches.
+    kv: u64,
+    layers: usize,
+    kvmask: u64,
+    rope: u64,
+    state: u64,
+    logits: u64,
+    /// Each of `out` and its readback buffer.
+    out: u64,
+    debug: u64,
+    score_tok: u64,
+    score_out: u64,
+    prep: Option<PrepSizes>,
+}
+
+impl WsSizes {
+    fn new(ctx: &GpuContext, d: &Dims, rope_half: usize, spec: &WsSpec) -> Result<Self> {
         let b = spec.batch;
         let c = d.c;
-        let frames_px = b * spec.frames;
+        let frames_px = b
+            .checked_mul(spec.frames)
+            .ok_or_else(|| Error::Device(format!("{b} x {} frames is too many", spec.frames)))?;
         // Distinct parameter blocks per frame: a generation frame ~45, a scored frame ~60.
         let per_frame = if spec.score_slots > 0 { 64 } else { 48 };
-        let arena = ParamArena::new(ctx, 64 + per_frame * spec.out_frames.max(1))?;
+        let arena_blocks = spec
+            .out_frames
+            .max(1)
+            .saturating_mul(per_frame)
+            .saturating_add(64);
+        let arena = ParamArena::bytes(ctx, arena_blocks).ok_or_else(|| {
+            Error::Device(format!(
+                "a parameter arena for {} frames is too large",
+                spec.out_frames
+            ))
+        })?;
         // Teacher-forced scoring (score_slots > 0) also plans forwards of score_lead token
         // slots and takes the heads at up to score_lead / K rows per batch row.
         let (gen_words, head_rows) = if spec.score_slots > 0 {
@@ -622,63 +693,207 @@ impl Workspace {
         } else {
             (layout::words(b, d.k, d.nt_pre()), 1)
         };
-        let resize = spec.in_hw != (d.img, d.img);
-        let pix = if resize {
-            Some(ctx.storage(
-                "pixels",
-                (frames_px * 3 * spec.in_hw.0 * spec.in_hw.1) as u64 * f,
-            )?)
+        let (ih, iw) = spec.in_hw;
+        let pix = if spec.in_hw != (d.img, d.img) {
+            Some(buf("pixels", &[frames_px, 3, ih, iw])?)
         } else {
             None
         };
-        let img = ctx.storage("model input", (frames_px * 3 * d.img * d.img) as u64 * f)?;
-        let tok_bytes = (frames_px * d.p * c) as u64 * f;
-        let feat = ctx.storage("patch features", tok_bytes)?;
-        let lnw = ctx.storage("layernorm ring", (b * spec.ring * d.p * c) as u64 * f)?;
-        let conv = ctx.storage("conv features", tok_bytes)?;
-        let vis = ctx.storage("vision embeds", tok_bytes)?;
         let ntp = d.nt_pre();
-        let x = ctx.storage("x", (b * ntp * c) as u64 * f)?;
-        let q = ctx.storage("q", (b * ntp * c) as u64 * f)?;
-        let h = ctx.storage("mlp hidden", (b * ntp * d.ffn) as u64 * f)?;
-        let nch_pre = spec.cap.div_ceil(CHUNK_PRE);
-        let nch_dec = spec.cap.div_ceil(CHUNK_DEC);
-        let part_rows = (ntp * nch_pre).max(d.k * nch_dec);
-        let part = ctx.storage(
-            "attention partials",
-            (b * d.heads * part_rows * (d.hd + 2)) as u64 * f,
-        )?;
-        let mut kv = Vec::new();
-        for l in 0..d.layers {
-            kv.push(ctx.storage(&format!("kv cache {l}"), (b * spec.cap * 2 * c) as u64 * f)?);
+        let part_rows =
+            (ntp * spec.cap.div_ceil(CHUNK_PRE)).max(d.k * spec.cap.div_ceil(CHUNK_DEC));
+        let prep = match spec.src_hw {
+            Some((sh, sw)) => {
+                let steps = plan((sh, sw), spec.in_hw);
+                let tmp = match steps.iter().find(|p| p.dst == Dst::U32) {
+                    Some(p) => Some(buf("resized rows", &[frames_px, p.out.0, p.out.1, 3])?),
+                    None => None,
+                };
+                Some(PrepSizes {
+                    raw: buf("uint8 frames", &[frames_px, frame_words(sh, sw)])?,
+                    lut: buf("normalisation table", &[768])?,
+                    tmp,
+                    coef: steps
+                        .iter()
+                        .map(|p| buf("resize coefficients", &[p.coeff_words()]))
+                        .collect::<Result<_>>()?,
+                })
+            }
+            None => None,
+        };
+        let score_words = (b.saturating_mul(spec.score_slots)).max(1);
+        let ow = buf("gazes", &[out_words(spec, d)])?;
+        Ok(Self {
+            arena_blocks,
+            arena,
+            pix,
+            img: buf("model input", &[frames_px, 3, d.img, d.img])?,
+            tok: buf("vision embeds", &[frames_px, d.p, c])?,
+            lnw: buf("layernorm ring", &[b, spec.ring, d.p, c])?,
+            x: buf("x", &[b, ntp, c])?,
+            q: buf("q", &[b, ntp, c])?,
+            h: buf("mlp hidden", &[b, ntp, d.ffn])?,
+            part: buf("attention partials", &[b, d.heads, part_rows, d.hd + 2])?,
+            kv: buf("kv cache", &[b, spec.cap, 2, c])?,
+            layers: d.layers,
+            kvmask: buf("key mask", &[b, spec.cap])?,
+            rope: buf("rope table", &[rope::table_len(rope_half, spec.cap)])?,
+            state: buf("generation state", &[gen_words])?,
+            logits: buf("logits", &[b, head_rows, d.head_rows()])?,
+            out: ow,
+            debug: buf("debug logits", &[spec.debug_steps.max(1), b, d.head_rows()])?,
+            score_tok: buf("score ids", &[score_words])?,
+            score_out: buf("scores", &[2, score_words])?,
+            prep,
+        })
+    }
+
+    /// Refuses, as [`GpuContext::storage`] would, a storage buffer larger than the adapter's
+    /// largest binding (checked before the memory check, so that its message comes first).
+    fn check_bindings(&self, ctx: &GpuContext) -> Result<()> {
+        let mut v = vec![
+            ("model input", self.img),
+            ("vision embeds", self.tok),
+            ("layernorm ring", self.lnw),
+            ("x", self.x),
+            ("q", self.q),
+            ("mlp hidden", self.h),
+            ("attention partials", self.part),
+            ("kv cache 0", self.kv),
+            ("key mask", self.kvmask),
+            ("rope table", self.rope),
+            ("generation state", self.state),
+            ("logits", self.logits),
+            ("gazes", self.out),
+            ("debug logits", self.debug),
+            ("score ids", self.score_tok),
+            ("scores", self.score_out),
+        ];
+        v.extend(self.pix.map(|p| ("pixels", p)));
+        if let Some(p) = &self.prep {
+            v.push(("uint8 frames", p.raw));
+            v.extend(p.tmp.map(|t| ("resized rows", t)));
+            v.extend(p.coef.iter().map(|c| ("resize coefficients", *c)));
         }
-        let kvmask = ctx.storage("key mask", (b * spec.cap) as u64 * f)?;
+        v.into_iter().try_for_each(|(k, b)| ctx.check_size(k, b))
+    }
+
+    /// (buffer, bytes) of everything the workspace creates, as created.
+    fn list(&self) -> Vec<(String, u64)> {
+        let mut v: Vec<(String, u64)> = vec![("parameter arena".into(), self.arena)];
+        if let Some(p) = &self.prep {
+            v.push(("uint8 frames".into(), p.raw));
+            v.push(("normalisation table".into(), p.lut));
+            v.extend(p.tmp.map(|t| ("resized rows".to_string(), t)));
+            v.push(("resize coefficients".into(), p.coef.iter().sum()));
+        }
+        v.extend(self.pix.map(|p| ("pixels".to_string(), p)));
+        v.push(("model input".into(), self.img));
+        v.push(("vision activations (3 buffers)".into(), 3 * self.tok));
+        v.push(("layernorm ring".into(), self.lnw));
+        v.push((
+            "decoder activations (x, q, mlp hidden)".into(),
+            self.x + self.q + self.h,
+        ));
+        v.push(("attention partials".into(), self.part));
+        v.push((
+            format!("KV cache ({} layers)", self.layers),
+            self.kv.saturating_mul(self.layers as u64),
+        ));
+        v.push(("key mask".into(), self.kvmask));
+        v.push(("rope table".into(), self.rope));
+        v.push((
+            "generation state, logits, gazes + readback, debug, score buffers".into(),
+            self.state + self.logits + 2 * self.out + self.debug + self.score_tok + self.score_out,
+        ));
+        v
+    }
+}
+
+/// GPU memory a call (or a streaming session) would allocate, computed from its shape
+/// before anything is allocated ([`Engine::estimate_generate`] and friends).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemoryEstimate {
+    /// (buffer or group of buffers, bytes as created) of the workspace and the call's own
+    /// buffers.
+    pub parts: Vec<(String, u64)>,
+    /// Their sum: the bytes the call creates when no cached workspace fits it.
+    pub total: u64,
+}
+
+impl MemoryEstimate {
+    fn new(ws: Option<&WsSizes>, extra: &[(&str, u64)]) -> Self {
+        let mut parts = ws.map(WsSizes::list).unwrap_or_default();
+        parts.extend(extra.iter().map(|(k, v)| (k.to_string(), *v)));
+        let total = parts.iter().fold(0u64, |a, (_, v)| a.saturating_add(*v));
+        Self { parts, total }
+    }
+}
+
+/// What a call may still allocate on the engine's device ([`Engine::memory_available`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemoryAvailable {
+    /// Bytes a call may allocate (None: the backend does not say): with
+    /// VK_EXT_memory_budget, the heap's free budget plus the engine's cached workspace
+    /// (reused or freed before a new one is made); otherwise the heap size less the
+    /// weights (other processes' use unknown, so an upper bound).
+    pub bytes: Option<u64>,
+    pub device: DeviceMemory,
+    /// The weights buffer and the cached workspace.
+    pub weights: u64,
+    pub cached: u64,
+}
+
+impl Workspace {
+    fn new(
+        ctx: &GpuContext,
+        ops: &Ops,
+        wts: &wgpu::Buffer,
+        inv_freq: &[f32],
+        spec: WsSpec,
+        sz: &WsSizes,
+    ) -> Result<Self> {
+        let arena = ParamArena::new(ctx, sz.arena_blocks)?;
+        let pix = match sz.pix {
+            Some(bytes) => Some(ctx.storage("pixels", bytes)?),
+            None => None,
+        };
+        let img = ctx.storage("model input", sz.img)?;
+        let feat = ctx.storage("patch features", sz.tok)?;
+        let lnw = ctx.storage("layernorm ring", sz.lnw)?;
+        let conv = ctx.storage("conv features", sz.tok)?;
+        let vis = ctx.storage("vision embeds", sz.tok)?;
+        let x = ctx.storage("x", sz.x)?;
+        let q = ctx.storage("q", sz.q)?;
+        let h = ctx.storage("mlp hidden", sz.h)?;
+        let part = ctx.storage("attention partials", sz.part)?;
+        let mut kv = Vec::new();
+        for l in 0..sz.layers {
+            kv.push(ctx.storage(&format!("kv cache {l}"), sz.kv)?);
+        }
+        let kvmask = ctx.storage("key mask", sz.kvmask)?;
         let rope_tab = rope::cos_sin_table(inv_freq, spec.cap);
         let rope_b = ctx.storage_init("rope table", &rope_tab)?;
-        let state = ctx.storage("generation state", gen_words as u64 * f)?;
-        let logits = ctx.storage("logits", (b * head_rows * d.head_rows()) as u64 * f)?;
-        let ow = out_words(&spec, d) as u64 * f;
-        let out = ctx.storage("gazes", ow)?;
-        let out_staging = ctx.staging("gazes readback", ow)?;
-        let debug = ctx.storage(
-            "debug logits",
-            (spec.debug_steps.max(1) * b * d.head_rows()) as u64 * f,
-        )?;
+        let state = ctx.storage("generation state", sz.state)?;
+        let logits = ctx.storage("logits", sz.logits)?;
+        let out = ctx.storage("gazes", sz.out)?;
+        let out_staging = ctx.staging("gazes readback", sz.out)?;
+        let debug = ctx.storage("debug logits", sz.debug)?;
 
         let bg_resize = match &pix {
             Some(p) => Some(ops.bicubic.bind(ctx, &arena, p, &img)?),
             None => None,
         };
-        let prep = match spec.src_hw {
-            Some(src) => Some(PreRes::new(
+        let prep = match (spec.src_hw, &sz.prep) {
+            (Some(src), Some(psz)) => Some(PreRes::new(
                 ctx,
                 &arena,
-                frames_px,
+                psz,
                 src,
                 spec.in_hw,
                 pix.as_ref().unwrap_or(&img),
             )?),
-            None => None,
+            _ => None,
         };
         let none = Extra::default();
         let bg_patch = ops.patch.bind(ctx, &arena, &img, wts, &feat, none)?;
@@ -688,9 +903,8 @@ impl Workspace {
         let bg_select = ops
             .select
             .bind(ctx, &arena, &state, &logits, &kvmask, &out, &debug)?;
-        let score_words = (b * spec.score_slots).max(1) as u64;
-        let score_tok = ctx.storage("score ids", score_words * f)?;
-        let score_out = ctx.storage("scores", 2 * score_words * f)?;
+        let score_tok = ctx.storage("score ids", sz.score_tok)?;
+        let score_out = ctx.storage("scores", sz.score_out)?;
         let bg_score = ops
             .score
             .bind(ctx, &arena, &state, &logits, &score_tok, &score_out)?;
@@ -746,6 +960,7 @@ impl Workspace {
         keep.extend(kv);
         Ok(Self {
             arena,
+            bytes: MemoryEstimate::new(Some(sz), &[]).total,
             r: Res {
                 spec,
                 prep,
@@ -783,7 +998,11 @@ struct Inner {
     wts: wgpu::Buffer,
     inv_freq: Vec<f32>,
     ops: Ops,
+    /// Bytes of the weights buffer.
+    weights_bytes: u64,
     cached: Mutex<Option<Workspace>>,
+    /// Bytes of the cached workspace (0: none), readable without its lock.
+    cached_bytes: std::sync::atomic::AtomicU64,
     /// Test hook: cap on frames per vision chunk (0: only the adapter's limits).
     max_chunk_frames: std::sync::atomic::AtomicUsize,
 }
@@ -813,6 +1032,32 @@ pub struct CallStats {
     pub record_us: u64,
     /// Wall time of the whole call (microseconds).
     pub total_us: u64,
+}
+
+/// The buffers a `score` call creates besides its workspace.
+struct ScoreBufs {
+    /// Slots in all frames.
+    n_all: usize,
+    /// Words of one forward's plan, and of its image (the header words, then the plan).
+    plan_words: usize,
+    img_words: usize,
+    plans: u64,
+    scores: u64,
+}
+
+/// Refuses an empty [`FrameShape`] (the shape-only estimates; [`Frames`] checks its own).
+fn check_shape(s: &FrameShape) -> Result<()> {
+    if s.b == 0
+        || s.t == 0
+        || s.h == 0
+        || s.w == 0
+        || s.src_hw.is_some_and(|(h, w)| h == 0 || w == 0)
+    {
+        return Err(Error::Input(format!(
+            "a call needs B, T, H, W >= 1 (and a non-empty source size), got {s:?}"
+        )));
+    }
+    Ok(())
 }
 
 struct FramePlan {
@@ -849,6 +1094,18 @@ fn check_pixels(pixel_values: &[f32], shape: &[usize]) -> Result<(usize, usize, 
         return Err(Error::Input(format!("pixel_values[{i}] is not finite")));
     }
     Ok((b, t, h, w))
+}
+
+/// The shape of a call's input, all that sizes its buffers (see [`Engine::estimate_generate`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameShape {
+    /// Batch rows, frames per row, and the pixel values' (H, W) (after the processor).
+    pub b: usize,
+    pub t: usize,
+    pub h: usize,
+    pub w: usize,
+    /// The uint8 frames' (H, W) when the processor's resize runs on the GPU.
+    pub src_hw: Option<(usize, usize)>,
 }
 
 /// The input of a call: the model's float32 pixel values, or uint8 RGB frames that the
@@ -943,6 +1200,17 @@ impl<'a> Frames<'a> {
             FrameData::Uint8 { src_hw, .. } => Some(src_hw),
         }
     }
+
+    /// The input's shape.
+    pub fn shape(&self) -> FrameShape {
+        FrameShape {
+            b: self.b,
+            t: self.t,
+            h: self.h,
+            w: self.w,
+            src_hw: self.src_hw(),
+        }
+    }
 }
 
 impl Engine {
@@ -959,6 +1227,7 @@ impl Engine {
     ) -> Result<Engine> {
         let dims = Dims::from_config(config)?;
         let (packed, off) = pack(config, &dims, weights)?;
+        let weights_bytes = round_size(packed.len() as u64 * 4);
         let wts = ctx.storage_init("weights", &packed)?;
         let inv_freq = rope::inv_freq(&config.decoder);
         let ops = Ops {
@@ -997,7 +1266,9 @@ impl Engine {
                 wts,
                 inv_freq,
                 ops,
+                weights_bytes,
                 cached: Mutex::new(None),
+                cached_bytes: std::sync::atomic::AtomicU64::new(0),
                 max_chunk_frames: std::sync::atomic::AtomicUsize::new(0),
             }),
         })
@@ -1018,18 +1289,26 @@ impl Engine {
         self.inner.dims.c
     }
 
-    /// Frames per vision chunk that fit the adapter's binding limits.
-    fn chunk_frames(&self, f: &Frames) -> Result<usize> {
+    /// Frames per vision chunk that fit the adapter's binding limits. `strict`: a frame that
+    /// fits no chunk is an error (a call); else one frame per chunk is assumed (an estimate:
+    /// its memory is still counted, and the call is refused by the bindings).
+    fn chunk_frames(&self, f: &FrameShape, strict: bool) -> Result<usize> {
         let d = &self.inner.dims;
         let (b, t, h, w) = (f.b, f.t, f.h, f.w);
-        let mut per_frame = (3 * d.img * d.img).max(3 * h * w).max(d.p * d.c) as u64 * 4;
-        if let Some((sh, sw)) = f.src_hw() {
+        let words = |v: &[usize]| v.iter().fold(4u64, |a, &x| a.saturating_mul(x as u64));
+        let mut per_frame = words(&[3, d.img, d.img])
+            .max(words(&[3, h, w]))
+            .max(words(&[d.p, d.c]));
+        if let Some((sh, sw)) = f.src_hw {
             // The packed bytes and the first resize pass's one-word values.
             per_frame = per_frame
-                .max(frame_words(sh, sw) as u64 * 4)
-                .max((sh * w * 3) as u64 * 4);
+                .max(words(&[frame_words(sh, sw)]))
+                .max(words(&[sh, w, 3]));
         }
-        let fit = self.inner.ctx.max_binding() / (per_frame * b as u64);
+        let fit = self.inner.ctx.max_binding() / per_frame.saturating_mul(b as u64).max(1);
+        if fit == 0 && !strict {
+            return Ok(1);
+        }
         if fit == 0 {
             return Err(Error::Device(format!(
                 "a batch of {b} frames of {h}x{w} does not fit this adapter's storage bindings"
@@ -1047,6 +1326,59 @@ impl Engine {
         Ok(fit.min(t))
     }
 
+    /// What a call may still allocate on this engine's device (see [`MemoryAvailable`]).
+    pub fn memory_available(&self) -> MemoryAvailable {
+        let cached = self
+            .inner
+            .cached_bytes
+            .load(std::sync::atomic::Ordering::Relaxed);
+        self.available_with(cached)
+    }
+
+    fn available_with(&self, cached: u64) -> MemoryAvailable {
+        let i = &self.inner;
+        let device = i.ctx.device_memory();
+        let bytes = match (device.free, device.heap_size) {
+            (Some(free), _) => Some(free.saturating_add(cached)),
+            (None, Some(heap)) => Some(heap.saturating_sub(i.weights_bytes)),
+            (None, None) => None,
+        };
+        MemoryAvailable {
+            bytes,
+            device,
+            weights: i.weights_bytes,
+            cached,
+        }
+    }
+
+    /// Refuses (`DeviceError`, before any allocation) a call or session whose buffers `est`
+    /// exceed what the device can give, `cached` bytes of cached workspace counted as free.
+    fn check_fits(&self, est: &MemoryEstimate, cached: u64) -> Result<()> {
+        let avail = self.available_with(cached);
+        match avail.bytes {
+            Some(a) if est.total > a => {
+                let parts: Vec<String> = est
+                    .parts
+                    .iter()
+                    .filter(|(_, v)| *v > 0)
+                    .map(|(k, v)| format!("{k} {}", fmt_bytes(*v)))
+                    .collect();
+                Err(Error::Device(format!(
+                    "this call needs {} bytes ({}) of GPU memory ({}), but only {a} bytes ({}) \
+                     are available on {} ({}); use a smaller batch, fewer or smaller frames, \
+                     or a shorter stream horizon",
+                    est.total,
+                    fmt_bytes(est.total),
+                    parts.join(", "),
+                    fmt_bytes(a),
+                    self.inner.ctx.info.name,
+                    avail.device.source
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Test hook: process at most `frames` frames per vision chunk (0: no cap), to exercise
     /// the multi-submit path that large batches take on small adapters.
     #[doc(hidden)]
@@ -1056,23 +1388,35 @@ impl Engine {
             .store(frames, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// The buffer sizes of a workspace of `spec` on this engine.
+    fn sizes(&self, spec: &WsSpec) -> Result<WsSizes> {
+        let i = &self.inner;
+        WsSizes::new(&i.ctx, &i.dims, i.inv_freq.len(), spec)
+    }
+
+    /// The cached workspace when it fits `need`, else a new one (the old one freed first),
+    /// refused before anything is allocated when it and the call's `extra` buffers do not
+    /// fit the device's memory ([`Engine::check_fits`]).
     fn ensure<'a>(
         &self,
         slot: &'a mut Option<Workspace>,
         need: WsSpec,
+        extra: &[(&str, u64)],
     ) -> Result<&'a mut Workspace> {
         let ok = slot.as_ref().is_some_and(|ws| ws.r.spec.fits(&need));
         if !ok {
-            *slot = None;
             let i = &self.inner;
-            *slot = Some(Workspace::new(
-                &i.ctx,
-                &i.ops,
-                &i.dims,
-                &i.wts,
-                &i.inv_freq,
-                need,
-            )?);
+            let sz = self.sizes(&need)?;
+            let cached = slot.as_ref().map_or(0, |w| w.bytes);
+            sz.check_bindings(&i.ctx)?;
+            self.check_fits(&MemoryEstimate::new(Some(&sz), extra), cached)?;
+            *slot = None;
+            i.cached_bytes
+                .store(0, std::sync::atomic::Ordering::Relaxed);
+            let ws = Workspace::new(&i.ctx, &i.ops, &i.wts, &i.inv_freq, need, &sz)?;
+            i.cached_bytes
+                .store(ws.bytes, std::sync::atomic::Ordering::Relaxed);
+            *slot = Some(ws);
         }
         slot.as_mut()
             .ok_or_else(|| Error::Backend("workspace allocation failed".into()))
@@ -1400,6 +1744,181 @@ impl Engine {
         ctx.write(&ws.kvmask, 0, &mask);
     }
 
+    /// The workspace and the readback buffer of an `embed` call.
+    fn embed_call(&self, shape: &FrameShape, strict: bool) -> Result<(WsSpec, u64)> {
+        let d = &self.inner.dims;
+        let tc = self.chunk_frames(shape, strict)?;
+        let staging = buf("embed readback", &[shape.b, tc, d.p, d.c])?;
+        Ok((WsSpec::clip(shape, tc), staging))
+    }
+
+    /// The workspace and frame plans of a `generate` call.
+    fn generate_call(
+        &self,
+        shape: &FrameShape,
+        ratios: &[f32],
+        debug: bool,
+        strict: bool,
+    ) -> Result<(WsSpec, Vec<FramePlan>)> {
+        let d = &self.inner.dims;
+        if ratios.len() != shape.t {
+            return Err(Error::Input(format!(
+                "gazing_ratio_each_frame has {} values for {} frames",
+                ratios.len(),
+                shape.t
+            )));
+        }
+        let plans = self.plans(ratios, 0)?;
+        let cap = plans
+            .iter()
+            .fold(CAP_SLACK, |a, p| a.saturating_add(d.p + p.budget));
+        let max_steps = plans
+            .iter()
+            .fold(0usize, |a, p| a.saturating_add(p.budget.div_ceil(d.k)));
+        let tc = self.chunk_frames(shape, strict)?;
+        let need = WsSpec {
+            cap,
+            out_frames: shape.t,
+            debug_steps: if debug { max_steps } else { 0 },
+            ..WsSpec::clip(shape, tc)
+        };
+        Ok((need, plans))
+    }
+
+    /// The workspace and the call's own buffers of a `score` call on `frame_lens` slots
+    /// per frame (checked: one count per frame, each at most 265).
+    fn score_call(
+        &self,
+        shape: &FrameShape,
+        frame_lens: &[usize],
+        strict: bool,
+    ) -> Result<(WsSpec, ScoreBufs)> {
+        let d = &self.inner.dims;
+        let t = shape.t;
+        if frame_lens.len() != t {
+            return Err(Error::Input(format!(
+                "score needs the slot count of each of the {t} frames, got {}",
+                frame_lens.len()
+            )));
+        }
+        if let Some((f, n)) = frame_lens.iter().enumerate().find(|(_, n)| **n > d.nv) {
+            return Err(Error::Input(format!(
+                "frame {f} has {n} slots; a frame has at most {}",
+                d.nv
+            )));
+        }
+        let n_all: usize = frame_lens.iter().sum();
+        let seq = t.saturating_mul(d.p).saturating_add(n_all);
+        let tc = self.chunk_frames(shape, strict)?;
+        let need = WsSpec {
+            cap: seq.saturating_add(CAP_SLACK),
+            out_frames: t,
+            score_slots: n_all,
+            ..WsSpec::clip(shape, tc)
+        };
+        // One plan image per forward of a frame: the header words, then the plan (the vision
+        // forward's layout: K token slots + patches; a token forward's: sl slots, sl positions).
+        let (b, k, sl) = (shape.b, d.k, d.score_lead());
+        let plan_words = b
+            .saturating_mul(k + d.nt_pre())
+            .max(b.saturating_mul(2 * sl));
+        let img_words = layout::S_HDR + plan_words;
+        let max_fwd = 1 + d.nv.div_ceil(sl);
+        let bufs = ScoreBufs {
+            n_all,
+            plan_words,
+            img_words,
+            plans: buf("score plans", &[max_fwd, img_words])?,
+            scores: buf("scores readback", &[2, b, n_all])?,
+        };
+        Ok((need, bufs))
+    }
+
+    /// The workspace of a streaming session (checked: sizes >= 1).
+    fn session_spec(
+        &self,
+        batch: usize,
+        max_frames: usize,
+        in_hw: (usize, usize),
+        src_hw: Option<(usize, usize)>,
+    ) -> Result<WsSpec> {
+        if batch == 0
+            || max_frames == 0
+            || in_hw.0 == 0
+            || in_hw.1 == 0
+            || src_hw.is_some_and(|(h, w)| h == 0 || w == 0)
+        {
+            return Err(Error::Input(
+                "a session needs batch, max_frames, height and width >= 1".into(),
+            ));
+        }
+        let d = &self.inner.dims;
+        let cap = max_frames
+            .checked_mul(d.p + d.nv)
+            .and_then(|v| v.checked_add(CAP_SLACK))
+            .ok_or_else(|| Error::Input(format!("a session of {max_frames} frames is too long")))?;
+        Ok(WsSpec {
+            batch,
+            frames: 1,
+            ring: 3,
+            in_hw,
+            src_hw,
+            cap,
+            out_frames: 1,
+            debug_steps: 0,
+            score_slots: 0,
+        })
+    }
+
+    /// GPU memory an [`Engine::embed`] of frames of `shape` creates when no cached
+    /// workspace fits it (nothing is allocated here).
+    pub fn estimate_embed(&self, shape: &FrameShape) -> Result<MemoryEstimate> {
+        check_shape(shape)?;
+        let (spec, staging) = self.embed_call(shape, false)?;
+        Ok(MemoryEstimate::new(
+            Some(&self.sizes(&spec)?),
+            &[("embed readback", staging)],
+        ))
+    }
+
+    /// GPU memory an [`Engine::generate`] of frames of `shape` with these per-frame ratios
+    /// creates when no cached workspace fits it (nothing is allocated here).
+    pub fn estimate_generate(&self, shape: &FrameShape, ratios: &[f32]) -> Result<MemoryEstimate> {
+        check_shape(shape)?;
+        let (spec, _) = self.generate_call(shape, ratios, false, false)?;
+        Ok(MemoryEstimate::new(Some(&self.sizes(&spec)?), &[]))
+    }
+
+    /// GPU memory an [`Engine::score`] of frames of `shape` with `frame_lens` slots per
+    /// frame creates when no cached workspace fits it (nothing is allocated here).
+    pub fn estimate_score(
+        &self,
+        shape: &FrameShape,
+        frame_lens: &[usize],
+    ) -> Result<MemoryEstimate> {
+        check_shape(shape)?;
+        let (spec, sb) = self.score_call(shape, frame_lens, false)?;
+        if sb.n_all == 0 {
+            return Ok(MemoryEstimate::new(None, &[]));
+        }
+        Ok(MemoryEstimate::new(
+            Some(&self.sizes(&spec)?),
+            &[("score plans", sb.plans), ("scores readback", sb.scores)],
+        ))
+    }
+
+    /// GPU memory [`Engine::session`] creates (nothing is allocated here).
+    pub fn estimate_session(
+        &self,
+        batch: usize,
+        max_frames: usize,
+        in_hw: (usize, usize),
+        src_hw: Option<(usize, usize)>,
+    ) -> Result<MemoryEstimate> {
+        let spec = self.session_spec(batch, max_frames, in_hw, src_hw)?;
+        Ok(MemoryEstimate::new(Some(&self.sizes(&spec)?), &[]))
+    }
+
     fn plans(&self, ratios: &[f32], frame0_upper: usize) -> Result<Vec<FramePlan>> {
         let d = &self.inner.dims;
         let mut acc = frame0_upper;
@@ -1413,9 +1932,9 @@ impl Engine {
             let budget = d.budget(*r);
             out.push(FramePlan {
                 budget,
-                l_upper: acc + d.p + budget + d.k,
+                l_upper: acc.saturating_add(d.p + budget + d.k),
             });
-            acc += d.p + budget;
+            acc = acc.saturating_add(d.p + budget);
         }
         Ok(out)
     }
@@ -1431,14 +1950,14 @@ impl Engine {
         let (b, t, h, w) = (frames.b, frames.t, frames.h, frames.w);
         let i = &self.inner;
         let d = &i.dims;
-        let tc = self.chunk_frames(frames)?;
-        let need = WsSpec::clip(frames, tc);
+        let (need, staging_bytes) = self.embed_call(&frames.shape(), true)?;
+        let tc = need.frames;
         let mut guard = i.cached.lock().unwrap_or_else(|e| e.into_inner());
-        let wsp = self.ensure(&mut guard, need)?;
+        let wsp = self.ensure(&mut guard, need, &[("embed readback", staging_bytes)])?;
         let (arena, ws) = (&mut wsp.arena, &wsp.r);
         let per = d.p * d.c;
         let mut out = vec![0.0f32; b * t * per];
-        let staging = i.ctx.staging("embed readback", (b * tc * per * 4) as u64)?;
+        let staging = i.ctx.staging("embed readback", staging_bytes)?;
         let mut t0 = 0;
         while t0 < t {
             let n = tc.min(t - t0);
@@ -1545,19 +2064,8 @@ impl Engine {
         let (b, t, h, w) = (frames.b, frames.t, frames.h, frames.w);
         let i = &self.inner;
         let d = &i.dims;
-        if frame_lens.len() != t {
-            return Err(Error::Input(format!(
-                "score needs the slot count of each of the {t} frames, got {}",
-                frame_lens.len()
-            )));
-        }
-        if let Some((f, n)) = frame_lens.iter().enumerate().find(|(_, n)| **n > d.nv) {
-            return Err(Error::Input(format!(
-                "frame {f} has {n} slots; a frame has at most {}",
-                d.nv
-            )));
-        }
-        let n_all: usize = frame_lens.iter().sum();
+        let (need, sb) = self.score_call(&frames.shape(), frame_lens, true)?;
+        let n_all = sb.n_all;
         if tokens.len() != b * n_all {
             return Err(Error::Input(format!(
                 "score needs {b} x {n_all} slot ids, got {}",
@@ -1579,15 +2087,10 @@ impl Engine {
         let (k, p, pad) = (d.k, d.p, d.pad as u32);
         let ntp = d.nt_pre();
         let seq = t * p + n_all;
-        let tc = self.chunk_frames(frames)?;
-        let need = WsSpec {
-            cap: seq + CAP_SLACK,
-            out_frames: t,
-            score_slots: n_all,
-            ..WsSpec::clip(frames, tc)
-        };
+        let tc = need.frames;
         let mut guard = i.cached.lock().unwrap_or_else(|e| e.into_inner());
-        let wsp = self.ensure(&mut guard, need)?;
+        let extra = [("score plans", sb.plans), ("scores readback", sb.scores)];
+        let wsp = self.ensure(&mut guard, need, &extra)?;
         let (arena, ws) = (&mut wsp.arena, &wsp.r);
         // Key mask (row stride: the workspace's capacity) and true positions, per row.
         let cap = ws.spec.cap;
@@ -1617,18 +2120,12 @@ impl Engine {
         i.ctx.write(&ws.kvmask, 0, &kvmask);
         i.ctx.write(&ws.score_tok, 0, tokens);
 
-        // One plan image per forward of a frame: the header words, then the plan (the vision
-        // forward's layout: K token slots + patches; a token forward's: sl slots, sl positions).
         let sl = d.score_lead();
         let plan_at = layout::plan_tok_base(b);
-        let plan_words = (b * k + b * ntp).max(2 * b * sl);
-        let img_words = layout::S_HDR + plan_words;
-        let max_fwd = 1 + d.nv.div_ceil(sl);
-        let plans = i
-            .ctx
-            .storage("score plans", (max_fwd * img_words * 4) as u64)?;
+        let (plan_words, img_words) = (sb.plan_words, sb.img_words);
+        let plans = i.ctx.storage("score plans", sb.plans)?;
         let out_bytes = (2 * b * n_all * 4) as u64;
-        let staging = i.ctx.staging("scores readback", out_bytes)?;
+        let staging = i.ctx.staging("scores readback", sb.scores)?;
         let gather = |rows: usize| ScoreParams {
             batch: b as u32,
             vocab: d.vocab as u32,
@@ -1764,12 +2261,12 @@ impl Engine {
         profile: bool,
     ) -> Result<Run> {
         let (b, t, h, w) = (frames.b, frames.t, frames.h, frames.w);
-        if params.gazing_ratio_each_frame.len() != t {
-            return Err(Error::Input(format!(
-                "gazing_ratio_each_frame has {} values for {t} frames",
-                params.gazing_ratio_each_frame.len()
-            )));
-        }
+        let (need, plans) = self.generate_call(
+            &frames.shape(),
+            &params.gazing_ratio_each_frame,
+            debug,
+            true,
+        )?;
         if let Some(r) = params.task_loss_requirement
             && !r.is_finite()
         {
@@ -1780,18 +2277,9 @@ impl Engine {
         let start = std::time::Instant::now();
         let i = &self.inner;
         let d = &i.dims;
-        let plans = self.plans(&params.gazing_ratio_each_frame, 0)?;
-        let cap = plans.iter().map(|p| d.p + p.budget).sum::<usize>() + CAP_SLACK;
-        let max_steps: usize = plans.iter().map(|p| p.budget.div_ceil(d.k)).sum();
-        let tc = self.chunk_frames(frames)?;
-        let need = WsSpec {
-            cap,
-            out_frames: t,
-            debug_steps: if debug { max_steps } else { 0 },
-            ..WsSpec::clip(frames, tc)
-        };
+        let tc = need.frames;
         let mut guard = i.cached.lock().unwrap_or_else(|e| e.into_inner());
-        let wsp = self.ensure(&mut guard, need)?;
+        let wsp = self.ensure(&mut guard, need, &[])?;
         let (arena, ws) = (&mut wsp.arena, &wsp.r);
         self.init_generation(ws, b);
         let mut stats = CallStats::default();
@@ -1994,16 +2482,7 @@ impl Engine {
         src_hw: Option<(usize, usize)>,
         task_loss_requirement: Option<f32>,
     ) -> Result<Session> {
-        if batch == 0
-            || max_frames == 0
-            || in_hw.0 == 0
-            || in_hw.1 == 0
-            || src_hw.is_some_and(|(h, w)| h == 0 || w == 0)
-        {
-            return Err(Error::Input(
-                "a session needs batch, max_frames, height and width >= 1".into(),
-            ));
-        }
+        let spec = self.session_spec(batch, max_frames, in_hw, src_hw)?;
         if let Some(r) = task_loss_requirement
             && !r.is_finite()
         {
@@ -2012,20 +2491,11 @@ impl Engine {
             )));
         }
         let i = &self.inner;
-        let d = &i.dims;
-        let cap = max_frames * (d.p + d.nv) + CAP_SLACK;
-        let spec = WsSpec {
-            batch,
-            frames: 1,
-            ring: 3,
-            in_hw,
-            src_hw,
-            cap,
-            out_frames: 1,
-            debug_steps: 0,
-            score_slots: 0,
-        };
-        let ws = Workspace::new(&i.ctx, &i.ops, d, &i.wts, &i.inv_freq, spec)?;
+        let sz = self.sizes(&spec)?;
+        // A session has its own workspace: the engine's cached one stays.
+        sz.check_bindings(&i.ctx)?;
+        self.check_fits(&MemoryEstimate::new(Some(&sz), &[]), 0)?;
+        let ws = Workspace::new(&i.ctx, &i.ops, &i.wts, &i.inv_freq, spec, &sz)?;
         let mut s = Session {
             engine: self.clone(),
             ws,

@@ -10,6 +10,8 @@
 pub mod buffer;
 pub mod context;
 pub mod engine;
+#[cfg(test)]
+mod memory_tests;
 pub mod ops;
 #[cfg(test)]
 mod parity;
@@ -17,5 +19,8 @@ pub mod pipeline;
 pub mod rope;
 
 pub use buffer::KernelTime;
-pub use context::{DeviceInfo, GpuContext};
-pub use engine::{Engine, Frames, GenerateOutput, GenerateParams, Session, StepOutput};
+pub use context::{DeviceInfo, DeviceMemory, GpuContext};
+pub use engine::{
+    Engine, FrameShape, Frames, GenerateOutput, GenerateParams, MemoryAvailable, MemoryEstimate,
+    Session, StepOutput,
+};

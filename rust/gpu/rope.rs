@@ -49,11 +49,16 @@ pub fn inv_freq(cfg: &GazeDecoderConfig) -> Vec<f32> {
         .collect()
 }
 
+/// Values in [`cos_sin_table`] for `half` frequencies and `positions` positions (saturating).
+pub fn table_len(half: usize, positions: usize) -> usize {
+    positions.saturating_mul(2 * half)
+}
+
 /// Table [positions, head_dim]: for pair i, `cos` at i and `sin` at head_dim/2 + i, of the
 /// angle `f32(pos) * inv_freq[i]`.
 pub fn cos_sin_table(inv_freq: &[f32], positions: usize) -> Vec<f32> {
     let h = inv_freq.len();
-    let mut t = vec![0.0f32; positions * 2 * h];
+    let mut t = vec![0.0f32; table_len(h, positions)];
     for pos in 0..positions {
         for (i, f) in inv_freq.iter().enumerate() {
             let a = pos as f32 * f;

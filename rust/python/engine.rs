@@ -10,7 +10,7 @@ use numpy::{PyArray1, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods}
 use pyo3::prelude::*;
 
 use crate::error::Error;
-use crate::gpu::{Engine, Frames, GenerateParams, GpuContext, Session};
+use crate::gpu::{Engine, FrameShape, Frames, GenerateParams, GpuContext, MemoryEstimate, Session};
 use crate::weights::load_model;
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -94,6 +94,35 @@ impl<'py> PyInput<'py> {
     }
 }
 
+/// A call's input shape: pixel values (B, T, 3, H, W), from uint8 frames of
+/// ``source_size`` when that is given.
+fn frame_shape(shape: &[usize], source_size: Option<(usize, usize)>) -> PyResult<FrameShape> {
+    match shape {
+        [b, t, 3, h, w] => Ok(FrameShape {
+            b: *b,
+            t: *t,
+            h: *h,
+            w: *w,
+            src_hw: source_size,
+        }),
+        _ => Err(Error::Input(format!(
+            "a memory estimate needs a pixel-value shape (B, T, 3, H, W), got {shape:?}"
+        ))
+        .into()),
+    }
+}
+
+/// ``{"total": bytes, "parts": [(buffer, bytes), ...]}``.
+fn estimate_dict<'py>(
+    py: Python<'py>,
+    est: MemoryEstimate,
+) -> PyResult<Bound<'py, pyo3::types::PyDict>> {
+    let d = pyo3::types::PyDict::new(py);
+    d.set_item("total", est.total)?;
+    d.set_item("parts", est.parts)?;
+    Ok(d)
+}
+
 /// The whole AutoGaze model on a wgpu device (weights uploaded once).
 #[pyclass(module = "autogaze_wgpu._native", frozen)]
 pub struct WgpuEngine {
@@ -127,6 +156,96 @@ impl WgpuEngine {
     /// Fault injection for tests: the next GPU allocation fails as out of memory.
     fn _simulate_oom_on_next_allocation(&self) {
         self.engine.context().simulate_oom_on_next_allocation();
+    }
+
+    /// Fault injection for tests: the device reports ``free`` bytes of free memory
+    /// (None: the driver's numbers again).
+    #[pyo3(signature = (free=None))]
+    fn _simulate_free_device_memory(&self, free: Option<u64>) {
+        self.engine.context().simulate_free_device_memory(free);
+    }
+
+    /// Bytes of the buffers ever created on this engine's device (freed ones included).
+    #[getter]
+    fn _allocated_bytes(&self) -> u64 {
+        self.engine.context().allocated_bytes()
+    }
+
+    /// What a call may allocate on the device: a dict with ``bytes`` (None when the backend
+    /// does not say; with VK_EXT_memory_budget the free budget plus the cached workspace,
+    /// else the device-local heap less the weights), ``heap_size``, ``free`` (the budget's),
+    /// ``source``, ``weights`` and ``cached`` (bytes of the weights and the cached workspace).
+    fn memory_available<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, pyo3::types::PyDict>> {
+        let a = py.detach(|| self.engine.memory_available());
+        let d = pyo3::types::PyDict::new(py);
+        d.set_item("bytes", a.bytes)?;
+        d.set_item("heap_size", a.device.heap_size)?;
+        d.set_item("free", a.device.free)?;
+        d.set_item("source", a.device.source)?;
+        d.set_item("weights", a.weights)?;
+        d.set_item("cached", a.cached)?;
+        Ok(d)
+    }
+
+    /// GPU memory ``embed`` on pixel values of ``shape`` (B, T, 3, H, W) creates (from uint8
+    /// frames of ``source_size`` when given), computed before anything is allocated:
+    /// ``{"total": bytes, "parts": [(buffer, bytes), ...]}``.
+    #[pyo3(signature = (shape, source_size=None))]
+    fn estimate_embed<'py>(
+        &self,
+        py: Python<'py>,
+        shape: Vec<usize>,
+        source_size: Option<(usize, usize)>,
+    ) -> PyResult<Bound<'py, pyo3::types::PyDict>> {
+        let s = frame_shape(&shape, source_size)?;
+        estimate_dict(py, self.engine.estimate_embed(&s)?)
+    }
+
+    /// As ``estimate_embed``, for ``generate`` with these per-frame ratios.
+    #[pyo3(signature = (shape, gazing_ratio_each_frame, source_size=None))]
+    fn estimate_generate<'py>(
+        &self,
+        py: Python<'py>,
+        shape: Vec<usize>,
+        gazing_ratio_each_frame: Vec<f32>,
+        source_size: Option<(usize, usize)>,
+    ) -> PyResult<Bound<'py, pyo3::types::PyDict>> {
+        let s = frame_shape(&shape, source_size)?;
+        estimate_dict(
+            py,
+            self.engine
+                .estimate_generate(&s, &gazing_ratio_each_frame)?,
+        )
+    }
+
+    /// As ``estimate_embed``, for ``score`` with ``frame_lens[t]`` slots in frame t.
+    #[pyo3(signature = (shape, frame_lens, source_size=None))]
+    fn estimate_score<'py>(
+        &self,
+        py: Python<'py>,
+        shape: Vec<usize>,
+        frame_lens: Vec<usize>,
+        source_size: Option<(usize, usize)>,
+    ) -> PyResult<Bound<'py, pyo3::types::PyDict>> {
+        let s = frame_shape(&shape, source_size)?;
+        estimate_dict(py, self.engine.estimate_score(&s, &frame_lens)?)
+    }
+
+    /// As ``estimate_embed``, for ``session`` (same arguments).
+    #[pyo3(signature = (batch, max_frames, height, width, source_size=None))]
+    fn estimate_session<'py>(
+        &self,
+        py: Python<'py>,
+        batch: usize,
+        max_frames: usize,
+        height: usize,
+        width: usize,
+        source_size: Option<(usize, usize)>,
+    ) -> PyResult<Bound<'py, pyo3::types::PyDict>> {
+        let est = self
+            .engine
+            .estimate_session(batch, max_frames, (height, width), source_size)?;
+        estimate_dict(py, est)
     }
 
     /// ``pixel_values`` float32 (B, T, 3, H, W) (or uint8 frames with ``preprocess``) ->

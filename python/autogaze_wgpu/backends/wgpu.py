@@ -63,6 +63,25 @@ class WgpuBackend:
     def adapter_name(self) -> str:
         return self.engine.adapter_name
 
+    def memory_estimate(self, shape, budgets, kind: str, source_size=None) -> dict:
+        """``{"total": bytes, "parts": [(buffer, bytes), ...]}``: the GPU buffers the call
+        creates (its workspace and readbacks), computed by the engine from the sizes its
+        allocation uses; nothing is allocated. budgets: gazes per frame (``generate``) or
+        slots per frame (``score``)."""
+        shape = [int(v) for v in shape]
+        src = None if source_size is None else tuple(int(v) for v in source_size)
+        if kind == "embed" or not budgets:
+            return self.engine.estimate_embed(shape, source_size=src)
+        if kind == "score":
+            return self.engine.estimate_score(shape, [int(b) for b in budgets], source_size=src)
+        V = self.config.num_vision_tokens_each_frame
+        ratios = [_ratio_for_budget(b, V) for b in budgets]
+        return self.engine.estimate_generate(shape, ratios, source_size=src)
+
+    def memory_available(self) -> dict:
+        """What a call may allocate on the device (``WgpuEngine.memory_available``)."""
+        return self.engine.memory_available()
+
     def embed(self, video) -> np.ndarray:
         x, pre = _engine_input(video)
         return self.engine.embed(x, preprocess=pre)
@@ -90,7 +109,8 @@ class WgpuBackend:
 class WgpuStream:
     """A streaming session. The GPU session is created on the first frame (its size is
     needed) with room for ``max_frames`` frames (the session's horizon), or, unbounded, for
-    as many as the adapter's binding limits allow, trying ``MAX_FRAMES_TRIED`` in order.
+    as many as the adapter's binding limits and memory allow, trying ``MAX_FRAMES_TRIED`` in
+    order (the engine refuses a session that does not fit before allocating it).
     ``reset`` reuses its buffers."""
 
     MAX_FRAMES_TRIED = (1024, 256, 64, 16)
@@ -115,7 +135,7 @@ class WgpuStream:
                     self.batch_size, frames, h, w, task_loss_requirement, source_size=source
                 )
             except DeviceError as e:
-                if "largest storage binding" not in str(e):
+                if "largest storage binding" not in str(e) and "of GPU memory" not in str(e):
                     raise
                 if i + 1 == len(tried):
                     raise DeviceError(

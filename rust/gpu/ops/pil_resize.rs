@@ -17,15 +17,12 @@ const PRECISION_BITS: u32 = 22;
 /// (box 0..in_size), then `normalize_coeffs_8bpc`. Returns the taps per output and one row
 /// `[xmin, count, k_0 .. k_{taps-1}]` per output index.
 pub fn pil_coeffs(in_size: usize, out_size: usize) -> (usize, Vec<i32>) {
-    let scale = in_size as f64 / out_size as f64;
-    let filterscale = scale.max(1.0);
-    let support = filterscale; // bilinear support 1.0, scaled when shrinking (antialias)
-    let taps = support.ceil() as usize * 2 + 1;
+    let (scale, filterscale, support, taps) = coeff_shape(in_size, out_size);
     let triangle = |x: f64| {
         let x = x.abs();
         if x < 1.0 { 1.0 - x } else { 0.0 }
     };
-    let mut out = vec![0i32; out_size * (2 + taps)];
+    let mut out = vec![0i32; coeff_words(in_size, out_size)];
     for xx in 0..out_size {
         let center = (xx as f64 + 0.5) * scale;
         let ss = 1.0 / filterscale;
@@ -54,6 +51,20 @@ pub fn pil_coeffs(in_size: usize, out_size: usize) -> (usize, Vec<i32>) {
         }
     }
     (taps, out)
+}
+
+/// (scale, filterscale, support, taps) of a resample from `in_size` to `out_size`.
+fn coeff_shape(in_size: usize, out_size: usize) -> (f64, f64, f64, usize) {
+    let scale = in_size as f64 / out_size as f64;
+    let filterscale = scale.max(1.0);
+    let support = filterscale; // bilinear support 1.0, scaled when shrinking (antialias)
+    let taps = support.ceil() as usize * 2 + 1;
+    (scale, filterscale, support, taps)
+}
+
+/// Length of [`pil_coeffs`]'s rows (one per output index), without computing them.
+pub fn coeff_words(in_size: usize, out_size: usize) -> usize {
+    out_size.saturating_mul(2 + coeff_shape(in_size, out_size).3)
 }
 
 /// Which axis one pass resamples.
@@ -109,6 +120,14 @@ impl PassPlan {
             Axis::Y => pil_coeffs(self.inp.0, self.out.0),
         }
     }
+
+    /// Length of [`PassPlan::coeffs`]'s rows.
+    pub fn coeff_words(&self) -> usize {
+        match self.axis {
+            Axis::X => coeff_words(self.inp.1, self.out.1),
+            Axis::Y => coeff_words(self.inp.0, self.out.0),
+        }
+    }
 }
 
 /// The passes that turn packed uint8 frames of `src` (h, w) into pixel values of `out`, in
@@ -148,7 +167,7 @@ pub fn plan(src: (usize, usize), out: (usize, usize)) -> Vec<PassPlan> {
 
 /// Words a packed source frame of `h` x `w` RGB bytes takes (each frame starts on a word).
 pub fn frame_words(h: usize, w: usize) -> usize {
-    (h * w * 3).div_ceil(4)
+    h.saturating_mul(w).saturating_mul(3).div_ceil(4)
 }
 
 /// One resampling pass of one (axis, source, destination) kind.
