@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     p.add_argument("--cache-len", type=int, default=3000)
     p.add_argument("--capacity", type=int, default=6656)
     p.add_argument("--block-n", default="16,32")
-    p.add_argument("--attn", default="256x64,128x64,256x128", help="split x block keys")
+    p.add_argument("--attn", default="2x64,1x128,4x64", help="blocks per split x keys per block")
     p.add_argument("--warps", default="2,4")
     p.add_argument("--reps", type=int, default=200)
     a = p.parse_args(argv)
@@ -40,8 +40,8 @@ def main(argv=None) -> int:
     g = torch.Generator(device="cuda").manual_seed(0)
     for B in [int(x) for x in a.batch.split(",")]:
         for bn, attn, nw in itertools.product(a.block_n.split(","), a.attn.split(","), a.warps.split(",")):
-            split, abn = (int(x) for x in attn.split("x"))
-            cfg = dict(BLOCK_N=int(bn), ATTN_SPLIT=split, ATTN_BLOCK_N=abn, NUM_WARPS=int(nw))
+            blocks, abn = (int(x) for x in attn.split("x"))
+            cfg = dict(BLOCK_N=int(bn), ATTN_BLOCKS=blocks, ATTN_BLOCK_N=abn, NUM_WARPS=int(nw))
             fused = type("Tuned", (FusedDecoder,), cfg)(be)
             be.fused = fused
             st = be.acquire_state(B, a.capacity)

@@ -128,9 +128,11 @@ def test_fused_step_equals_the_eager_step(fused, eager, scenario):
     ran = L > 300
     assert ran == (scenario not in ("exhausted", "budget", "done")), scenario
     if ran:  # the step's tokens went through the decoder: K/V and the heads agree to float32
-        # noise over 4 layers (SPEC's step-logit tolerance is 1e-3)
+        # noise over 4 layers on a random cache (SPEC's step-logit tolerance is 1e-3); layer 0
+        # (embedding -> RMSNorm -> q/k/v -> RoPE) is one product deep.
         for x, y in ((a.k_cache, b.k_cache), (a.v_cache, b.v_cache)):
-            torch.testing.assert_close(x[:, :, :, :L], y[:, :, :, :L], atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(x[0, :, :, :L], y[0, :, :, :L], atol=1e-5, rtol=0)
+            torch.testing.assert_close(x[:, :, :, :L], y[:, :, :, :L], atol=1e-3, rtol=0)
         torch.testing.assert_close(a.logits, b.logits, atol=1e-3, rtol=0)
         torch.testing.assert_close(a.task_loss, b.task_loss, atol=5e-5, rtol=0)
     fused.backend.release_state(a)

@@ -298,7 +298,7 @@ class DecodeState:
     def _decode_step(self) -> None:
         """One decode step as in ``select_step`` + running the tokens, without host syncs.
         When the frame is already done it changes nothing that is read later. With the
-        fused kernels (``triton_decode``) the same step is 26 Triton launches."""
+        fused kernels (``triton_decode``) the same step is 27 Triton launches."""
         if self.fused is not None:
             self.fused.step(self)
             return

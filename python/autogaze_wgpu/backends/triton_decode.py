@@ -1,12 +1,12 @@
-"""The torch backend's decode step as 26 fused Triton kernels (float32, same math).
+"""The torch backend's decode step as 27 fused Triton kernels (float32, same math).
 
 The eager decode step (``DecodeState._decode_step``) is ~300 small torch kernels: on an
 H100 a CUDA-graph replay of it is bound by their count, not their arithmetic. Here one step
 is:
 
-* ``_select``: the whole greedy choice and state update of ``select_step`` (no-repeat masks,
-  the K heads' argmaxes, budget / exhaustion / task-loss rules, frame tokens, done flag, the
-  step's key-mask slots) in one program;
+* ``_pick`` (a program per batch row: the K heads' argmaxes with the no-repeat masks) and
+  ``_select`` (one program: the batch-wide budget / exhaustion / task-loss rules, frame
+  tokens, done flag, the step's key-mask slots): the greedy choice of ``select_step``;
 * per layer: ``_qkv`` (RMSNorm + q/k/v GEMV + RoPE at the frame's quirky decode positions +
   K/V written into the static cache; layer 0 gathers the token embeddings itself),
   ``_attention`` (split-K over the cache, causal + key mask, online softmax per split),
@@ -39,35 +39,56 @@ def _pow2(n: int) -> int:
 
 
 @triton.jit
+def _pick(
+    logits_ptr, chosen_ptr, done_ptr, picks_ptr, left_ptr,
+    K: tl.constexpr, V: tl.constexpr, PAD: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One batch row's part of the step's choice: the K heads' argmaxes (first maximum on
+    ties) over the ids not yet chosen in the frame, never EOS, each pick masked for the later
+    heads (even if it becomes pad below); and how many ids the row may still pick."""
+    if tl.load(done_ptr).to(tl.int32) == 0:
+        b = tl.program_id(0)
+        ids = tl.arange(0, BLOCK_V)
+        ks = tl.arange(0, BLOCK_K)
+        in_v = ids < V
+        chosen = tl.load(chosen_ptr + b * V + ids, mask=in_v, other=1).to(tl.int32) != 0
+        taken = chosen | (ids == PAD) | ~in_v
+        tl.store(left_ptr + b, tl.sum((~taken).to(tl.int32), 0))
+        picks = tl.full([BLOCK_K], PAD, tl.int32)
+        for k in tl.static_range(K):
+            row = tl.load(logits_ptr + (b * K + k) * V + ids, mask=in_v, other=float("-inf"))
+            tok = tl.argmax(tl.where(taken, float("-inf"), row), 0).to(tl.int32)
+            taken = taken | (ids == tok)
+            picks = tl.where(ks == k, tok, picks)
+        tl.store(picks_ptr + b * K + ks, picks, mask=ks < K)
+
+
+@triton.jit
 def _select(
-    logits_ptr, task_loss_ptr, chosen_ptr, finished_ptr, frame_tokens_ptr, ft_stride,
+    picks_ptr, left_ptr, task_loss_ptr, chosen_ptr, finished_ptr, frame_tokens_ptr, ft_stride,
     n_frame_ptr, cache_len_ptr, done_ptr, first_ptr, budget_ptr, req_ptr, has_req_ptr,
     key_mask_ptr, km_stride, step_ids_ptr, run_ptr, B,
-    K: tl.constexpr, V: tl.constexpr, PAD: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    K: tl.constexpr, V: tl.constexpr, PAD: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """One decode step's choice (SPEC §5 step 2), as ``DecodeState._decode_step`` decides it."""
+    """The batch-wide rest of the step's choice (SPEC §5 step 2, as
+    ``DecodeState._decode_step`` decides it) from ``_pick``'s rows: which heads the step
+    keeps, the task-loss stop, the frame's tokens, done flag and the step's key-mask slots."""
     done = tl.load(done_ptr).to(tl.int32)
     if done != 0:
         tl.store(run_ptr, 0)
     else:
         rows = tl.arange(0, BLOCK_B)
-        ids = tl.arange(0, BLOCK_V)
         ks = tl.arange(0, BLOCK_K)
         rmask = rows < B
         kmask = ks < K
-        in_v = ids < V
-        chosen = tl.load(chosen_ptr + rows[:, None] * V + ids[None, :],
-                         mask=rmask[:, None] & in_v[None, :], other=1).to(tl.int32) != 0
+        both = rmask[:, None] & kmask[None, :]
         finished = tl.load(finished_ptr + rows, mask=rmask, other=1).to(tl.int32) != 0
         n_frame = tl.load(n_frame_ptr)
         budget = tl.load(budget_ptr)
-        # Ids a row may still pick, and which heads' slots the step keeps: head k's row is
-        # all -inf exactly when an unfinished row has no more than k ids left (heads 0..k-1
-        # each masked one distinct id); the step stops at the first head past the budget or
-        # exhausted.
-        taken = chosen | (ids[None, :] == PAD) | ~in_v[None, :]
-        left = tl.sum((~taken).to(tl.int32), 1)
+        # Which heads' slots the step keeps: head k's row is all -inf exactly when an
+        # unfinished row has no more than k ids left (heads 0..k-1 each masked one distinct
+        # id); the step stops at the first head past the budget or exhausted.
+        left = tl.load(left_ptr + rows, mask=rmask, other=0)
         min_left = tl.min(tl.where(finished | ~rmask, V + K, left), 0)
         exh = min_left <= ks
         in_budget = (budget - n_frame) > ks
@@ -76,19 +97,10 @@ def _select(
         valid = ks < n_valid
         reached = ks <= n_valid
         exhausted = tl.max((reached & in_budget & exh & kmask).to(tl.int32), 0) != 0
-        # The heads' argmaxes (first maximum on ties); each pick is masked for later heads.
-        step = tl.full([BLOCK_B, BLOCK_K], PAD, tl.int32)
-        for k in tl.static_range(K):
-            row = tl.load(logits_ptr + rows[:, None] * (K * V) + k * V + ids[None, :],
-                          mask=rmask[:, None] & in_v[None, :], other=float("-inf"))
-            row = tl.where(taken, float("-inf"), row)
-            tok = tl.argmax(row, 1).to(tl.int32)
-            taken = taken | (ids[None, :] == tok[:, None])
-            step = tl.where(ks[None, :] == k, tok[:, None], step)
+        step = tl.load(picks_ptr + rows[:, None] * K + ks[None, :], mask=both, other=PAD)
         step = tl.where(finished[:, None], PAD, step)
         # Task-loss stop: meeting slots become pad; slot 0 of the frame's first step never meets.
-        tl_pred = tl.load(task_loss_ptr + rows[:, None] * K + ks[None, :],
-                          mask=rmask[:, None] & kmask[None, :], other=float("inf"))
+        tl_pred = tl.load(task_loss_ptr + rows[:, None] * K + ks[None, :], mask=both, other=float("inf"))
         has_req = tl.load(has_req_ptr).to(tl.int32) != 0
         first = tl.load(first_ptr).to(tl.int32) != 0
         meet = (tl_pred <= tl.load(req_ptr)) & valid[None, :] & has_req
@@ -96,7 +108,6 @@ def _select(
         step = tl.where(meet, PAD, step)
         finished = finished | (tl.max(meet.to(tl.int32), 1) != 0)
         tl.store(finished_ptr + rows, finished.to(tl.int1), mask=rmask)
-        both = rmask[:, None] & kmask[None, :]
         # Every slot is written (the invalid ones land past the frame length).
         tl.store(frame_tokens_ptr + rows[:, None] * ft_stride + n_frame + ks[None, :],
                  step.to(tl.int64), mask=both)
@@ -118,12 +129,34 @@ def _select(
         tl.store(run_ptr, run)
 
 
+# The kernels below issue every load that does not depend on another one first (weights,
+# rows, the run flag, the cache length) and mask their stores with the run flag, instead of
+# branching on it or looping over chunks: at these sizes a kernel's time is its chain of
+# dependent memory round trips, not its arithmetic. The flag is loaded as a vector (one
+# address, ``_run_flag``): Triton's interpreter cannot mask a store with a scalar.
+
+
 @triton.jit
-def _rms_scale(x_ptr, rows, rmask, C: tl.constexpr, BLOCK_C: tl.constexpr, eps):
-    """1 / sqrt(mean(x^2) + eps) of each row (LlamaRMSNorm's float32 statistics)."""
+def _run_flag(run_ptr, like):
+    """The step's run flag broadcast to the shape of ``like`` (a 1-D index vector)."""
+    return tl.load(run_ptr + like * 0) != 0
+
+
+@triton.jit
+def _rms_norm(x, w_ptr, C: tl.constexpr, BLOCK_C: tl.constexpr, eps):
+    """LlamaRMSNorm of the rows of x (BLOCK_R, BLOCK_C), zero past column C."""
     cols = tl.arange(0, BLOCK_C)
-    x = tl.load(x_ptr + rows[:, None] * C + cols[None, :], mask=rmask[:, None] & (cols[None, :] < C), other=0.0)
-    return 1.0 / tl.sqrt(tl.sum(x * x, 1) / C + eps)
+    w = tl.load(w_ptr + cols, mask=cols < C, other=0.0)
+    inv = 1.0 / tl.sqrt(tl.sum(x * x, 1) / C + eps)
+    return x * inv[:, None] * w[None, :]
+
+
+@triton.jit
+def _weight_t(w_ptr, out_rows, rows_ok, KD: tl.constexpr, BLOCK_KD: tl.constexpr):
+    """W[out_rows, :KD]^T as a (BLOCK_KD, len(out_rows)) tile (W row-major with KD columns),
+    zero past KD and where not rows_ok."""
+    kk = tl.arange(0, BLOCK_KD)
+    return tl.load(w_ptr + out_rows[None, :] * KD + kk[:, None], mask=(kk[:, None] < KD) & rows_ok[None, :], other=0.0)
 
 
 @triton.jit
@@ -131,66 +164,56 @@ def _qkv(
     x_ptr, ids_ptr, embed_ptr, norm_ptr, w_ptr, cos_ptr, sin_ptr, q_ptr, kc_ptr, vc_ptr,
     cache_len_ptr, run_ptr, R, cap, eps,
     GATHER: tl.constexpr, C: tl.constexpr, H: tl.constexpr, HD: tl.constexpr, K: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """RMSNorm(x) @ [Wq; Wk; Wv]^T for one head of q, k or v (program axis 1), RoPE on q and
-    k, q to ``q_ptr`` (B, H, K, HD) and k/v into the cache at slots cache_len + [0, K)."""
-    if tl.load(run_ptr) != 0:
-        pid_r = tl.program_id(0)
-        which = tl.program_id(1) // H  # 0 q, 1 k, 2 v
-        head = tl.program_id(1) % H
-        rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-        rmask = rows < R
-        if GATHER:  # layer 0: the step's tokens enter through embed_tokens
-            tok = tl.load(ids_ptr + rows, mask=rmask, other=0)
-            cols = tl.arange(0, BLOCK_C)
-            m2 = rmask[:, None] & (cols[None, :] < C)
-            emb = tl.load(embed_ptr + tok[:, None] * C + cols[None, :], mask=m2, other=0.0)
-            if tl.program_id(1) == 0:
-                tl.store(x_ptr + rows[:, None] * C + cols[None, :], emb, mask=m2)
-            src = embed_ptr + tok * C
-            x2 = emb * emb
-            inv = 1.0 / tl.sqrt(tl.sum(x2, 1) / C + eps)
+    k, q to ``q_ptr`` (B, H, K, HD) and k/v into the cache at slots cache_len + [0, K).
+    Layer 0 (GATHER) reads the step's tokens through embed_tokens and starts the residual
+    stream x with them."""
+    HALF: tl.constexpr = HD // 2
+    which = tl.program_id(1) // H  # 0 q, 1 k, 2 v
+    head = tl.program_id(1) % H
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_C)
+    n = tl.arange(0, HALF)
+    rmask = rows < R
+    m2 = rmask[:, None] & (cols[None, :] < C)
+    base = which * C + head * HD
+    w_lo = _weight_t(w_ptr, base + n, n < HALF, C, BLOCK_C)
+    w_hi = _weight_t(w_ptr, base + HALF + n, n < HALF, C, BLOCK_C)
+    cs = rows[:, None] * HD + n[None, :]
+    c_lo = tl.load(cos_ptr + cs, mask=rmask[:, None], other=0.0)
+    s_lo = tl.load(sin_ptr + cs, mask=rmask[:, None], other=0.0)
+    c_hi = tl.load(cos_ptr + cs + HALF, mask=rmask[:, None], other=0.0)
+    s_hi = tl.load(sin_ptr + cs + HALF, mask=rmask[:, None], other=0.0)
+    run = _run_flag(run_ptr, rows)[:, None]
+    slot = tl.load(cache_len_ptr).to(tl.int32) + rows % K
+    if GATHER:
+        tok = tl.load(ids_ptr + rows, mask=rmask, other=0)
+        x = tl.load(embed_ptr + tok[:, None] * C + cols[None, :], mask=m2, other=0.0)
+        if tl.program_id(1) == 0:
+            tl.store(x_ptr + rows[:, None] * C + cols[None, :], x, mask=m2 & run)
+    else:
+        x = tl.load(x_ptr + rows[:, None] * C + cols[None, :], mask=m2, other=0.0)
+    h = _rms_norm(x, norm_ptr, C, BLOCK_C, eps)
+    lo = tl.dot(h, w_lo, input_precision="ieee")
+    hi = tl.dot(h, w_hi, input_precision="ieee")
+    if which < 2:  # RoPE, rotate-half convention: (lo, hi) -> (lo c - hi s, hi c + lo s)
+        lo, hi = lo * c_lo + (-hi) * s_lo, hi * c_hi + lo * s_hi
+    b = rows // K
+    ms = rmask[:, None] & run
+    if which == 0:
+        q_at = (((b * H + head) * K + rows % K) * HD)[:, None] + n[None, :]
+        tl.store(q_ptr + q_at, lo, mask=ms)
+        tl.store(q_ptr + q_at + HALF, hi, mask=ms)
+    else:
+        kv_at = (((b * H + head) * cap + slot).to(tl.int64) * HD)[:, None] + n[None, :]
+        if which == 1:
+            tl.store(kc_ptr + kv_at, lo, mask=ms)
+            tl.store(kc_ptr + kv_at + HALF, hi, mask=ms)
         else:
-            src = x_ptr + rows * C
-            inv = _rms_scale(x_ptr, rows, rmask, C, BLOCK_C, eps)
-        HALF: tl.constexpr = HD // 2
-        n = tl.arange(0, HALF)
-        base = which * C + head * HD
-        lo = tl.zeros([BLOCK_R, HALF], tl.float32)
-        hi = tl.zeros([BLOCK_R, HALF], tl.float32)
-        for k0 in tl.static_range(0, C, BLOCK_K):
-            kk = k0 + tl.arange(0, BLOCK_K)
-            km = kk < C
-            x = tl.load(src[:, None] + kk[None, :], mask=rmask[:, None] & km[None, :], other=0.0)
-            h = x * inv[:, None] * tl.load(norm_ptr + kk, mask=km, other=0.0)[None, :]
-            w_lo = tl.load(w_ptr + (base + n)[None, :] * C + kk[:, None], mask=km[:, None], other=0.0)
-            w_hi = tl.load(w_ptr + (base + HALF + n)[None, :] * C + kk[:, None], mask=km[:, None], other=0.0)
-            lo = tl.dot(h, w_lo, lo, input_precision="ieee")
-            hi = tl.dot(h, w_hi, hi, input_precision="ieee")
-        b = rows // K
-        kq = rows % K
-        if which < 2:  # RoPE, rotate-half convention: (lo, hi) -> (lo c - hi s, hi c + lo s)
-            cs = rows[:, None] * HD + n[None, :]
-            c_lo = tl.load(cos_ptr + cs, mask=rmask[:, None], other=0.0)
-            s_lo = tl.load(sin_ptr + cs, mask=rmask[:, None], other=0.0)
-            c_hi = tl.load(cos_ptr + cs + HALF, mask=rmask[:, None], other=0.0)
-            s_hi = tl.load(sin_ptr + cs + HALF, mask=rmask[:, None], other=0.0)
-            lo, hi = lo * c_lo + (-hi) * s_lo, hi * c_hi + lo * s_hi
-        m2 = rmask[:, None]
-        if which == 0:
-            q_at = (((b * H + head) * K + kq) * HD)[:, None] + n[None, :]
-            tl.store(q_ptr + q_at, lo, mask=m2)
-            tl.store(q_ptr + q_at + HALF, hi, mask=m2)
-        else:
-            slot = tl.load(cache_len_ptr).to(tl.int32) + kq
-            kv_at = (((b * H + head) * cap + slot).to(tl.int64) * HD)[:, None] + n[None, :]
-            if which == 1:
-                tl.store(kc_ptr + kv_at, lo, mask=m2)
-                tl.store(kc_ptr + kv_at + HALF, hi, mask=m2)
-            else:
-                tl.store(vc_ptr + kv_at, lo, mask=m2)
-                tl.store(vc_ptr + kv_at + HALF, hi, mask=m2)
+            tl.store(vc_ptr + kv_at, lo, mask=ms)
+            tl.store(vc_ptr + kv_at + HALF, hi, mask=ms)
 
 
 @triton.jit
@@ -198,33 +221,34 @@ def _attention(
     q_ptr, kc_ptr, vc_ptr, key_mask_ptr, km_stride, cache_len_ptr, run_ptr,
     pm_ptr, pl_ptr, pacc_ptr, cap, S, scale,
     H: tl.constexpr, HD: tl.constexpr, K: tl.constexpr,
-    SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr,
+    BLOCKS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):
-    """The K step queries of one (row, head) against one split of the cache: causal
-    (query k sees slots <= cache_len + k) and the key mask; a split's max, sum and
-    weighted values go to the partials for ``_merge``."""
-    if tl.load(run_ptr) != 0:
-        bh = tl.program_id(0)
-        sp = tl.program_id(1)
-        b = bh // H
-        qs = tl.arange(0, BLOCK_Q)
-        d = tl.arange(0, HD)
-        qm = qs < K
-        q = tl.load(q_ptr + (bh * K + qs)[:, None] * HD + d[None, :], mask=qm[:, None], other=0.0)
-        cache_len = tl.load(cache_len_ptr).to(tl.int32)
-        start = sp * SPLIT
-        end = tl.minimum(start + SPLIT, cache_len + K)
+    """The K step queries of one (row, head) against one split of the cache (BLOCKS x
+    BLOCK_N keys): causal (query k sees slots <= cache_len + k) and the key mask, softmax
+    statistics per split (max, sum, weighted values) into the partials for ``_merge``.
+    Splits past the step's last key do nothing (``_merge`` does not read them)."""
+    bh = tl.program_id(0)
+    sp = tl.program_id(1)
+    b = bh // H
+    qs = tl.arange(0, BLOCK_Q)
+    d = tl.arange(0, HD)
+    qm = qs < K
+    q = tl.load(q_ptr + (bh * K + qs)[:, None] * HD + d[None, :], mask=qm[:, None], other=0.0)
+    cache_len = tl.load(cache_len_ptr).to(tl.int32)
+    run = tl.load(run_ptr) != 0
+    end = cache_len + K
+    if run & (sp * BLOCKS * BLOCK_N < end):
         m_i = tl.full([BLOCK_Q], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_Q], tl.float32)
         acc = tl.zeros([BLOCK_Q, HD], tl.float32)
-        kv = kc_ptr + bh * cap * HD
-        vv = vc_ptr + bh * cap * HD
-        for n0 in range(start, end, BLOCK_N):
-            kn = n0 + tl.arange(0, BLOCK_N)
+        kv = bh * cap * HD
+        for j in tl.static_range(BLOCKS):
+            kn = (sp * BLOCKS + j) * BLOCK_N + tl.arange(0, BLOCK_N)
             inn = kn < end
-            keys = tl.load(kv + kn[:, None] * HD + d[None, :], mask=inn[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(keys), input_precision="ieee") * scale
+            keys = tl.load(kc_ptr + kv + kn[:, None] * HD + d[None, :], mask=inn[:, None], other=0.0)
+            vals = tl.load(vc_ptr + kv + kn[:, None] * HD + d[None, :], mask=inn[:, None], other=0.0)
             key_ok = tl.load(key_mask_ptr + b * km_stride + kn, mask=inn, other=0).to(tl.int32) != 0
+            s = tl.dot(q, tl.trans(keys), input_precision="ieee") * scale
             allowed = (kn[None, :] <= cache_len + qs[:, None]) & key_ok[None, :] & inn[None, :]
             s = tl.where(allowed, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -232,7 +256,6 @@ def _attention(
             alpha = tl.exp(m_i - m_safe)
             p = tl.exp(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            vals = tl.load(vv + kn[:, None] * HD + d[None, :], mask=inn[:, None], other=0.0)
             acc = tl.dot(p, vals, acc * alpha[:, None], input_precision="ieee")
             m_i = m_new
         o = (bh * S + sp) * K + qs
@@ -243,119 +266,106 @@ def _attention(
 
 @triton.jit
 def _merge(
-    pm_ptr, pl_ptr, pacc_ptr, y_ptr, run_ptr, S,
-    H: tl.constexpr, HD: tl.constexpr, K: tl.constexpr,
+    pm_ptr, pl_ptr, pacc_ptr, y_ptr, cache_len_ptr, run_ptr, S,
+    H: tl.constexpr, HD: tl.constexpr, K: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):
-    """softmax(scores) @ values of one (row, head) from the splits; y is (B, K, H*HD)."""
-    if tl.load(run_ptr) != 0:
-        bh = tl.program_id(0)
-        b = bh // H
-        head = bh % H
-        qs = tl.arange(0, BLOCK_Q)
-        d = tl.arange(0, HD)
-        qm = qs < K
-        m = tl.full([BLOCK_Q], float("-inf"), tl.float32)
-        for s0 in range(0, S, BLOCK_S):
-            ss = s0 + tl.arange(0, BLOCK_S)
-            o = (bh * S + ss)[:, None] * K + qs[None, :]
-            pm = tl.load(pm_ptr + o, mask=(ss[:, None] < S) & qm[None, :], other=float("-inf"))
-            m = tl.maximum(m, tl.max(pm, 0))
-        m = tl.where(m == float("-inf"), 0.0, m)
-        total = tl.zeros([BLOCK_Q], tl.float32)
-        acc = tl.zeros([BLOCK_Q, HD], tl.float32)
-        for s0 in range(0, S, BLOCK_S):
-            ss = s0 + tl.arange(0, BLOCK_S)
-            o = (bh * S + ss)[:, None] * K + qs[None, :]  # (BLOCK_S, BLOCK_Q)
-            msk = (ss[:, None] < S) & qm[None, :]
-            w = tl.exp(tl.load(pm_ptr + o, mask=msk, other=float("-inf")) - m[None, :])
-            total += tl.sum(w * tl.load(pl_ptr + o, mask=msk, other=0.0), 0)
-            part = tl.load(pacc_ptr + o[:, :, None] * HD + d[None, None, :], mask=msk[:, :, None], other=0.0)
-            acc += tl.sum(w[:, :, None] * part, 0)
-        y = acc / tl.where(qm, total, 1.0)[:, None]
-        tl.store(y_ptr + (b * K + qs)[:, None] * (H * HD) + head * HD + d[None, :], y, mask=qm[:, None])
+    """softmax(scores) @ values of one (row, head) from the splits that hold keys (online
+    over chunks of BLOCK_S splits); y is (B, K, H*HD)."""
+    bh = tl.program_id(0)
+    b = bh // H
+    head = bh % H
+    qs = tl.arange(0, BLOCK_Q)
+    d = tl.arange(0, HD)
+    qm = qs < K
+    used = tl.cdiv(tl.load(cache_len_ptr).to(tl.int32) + K, SPLIT)
+    run = _run_flag(run_ptr, qs)
+    m = tl.full([BLOCK_Q], float("-inf"), tl.float32)
+    total = tl.zeros([BLOCK_Q], tl.float32)
+    acc = tl.zeros([BLOCK_Q, HD], tl.float32)
+    for s0 in range(0, used, BLOCK_S):
+        ss = s0 + tl.arange(0, BLOCK_S)
+        o = (bh * S + ss)[:, None] * K + qs[None, :]  # (BLOCK_S, BLOCK_Q)
+        msk = (ss[:, None] < used) & qm[None, :]
+        pm = tl.load(pm_ptr + o, mask=msk, other=float("-inf"))
+        pl = tl.load(pl_ptr + o, mask=msk, other=0.0)
+        part = tl.load(pacc_ptr + o[:, :, None] * HD + d[None, None, :], mask=msk[:, :, None], other=0.0)
+        m_new = tl.maximum(m, tl.max(pm, 0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_safe)
+        w = tl.exp(pm - m_safe[None, :])
+        total = total * alpha + tl.sum(w * pl, 0)
+        acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * part, 0)
+        m = m_new
+    y = acc / tl.where(qm, total, 1.0)[:, None]
+    tl.store(y_ptr + (b * K + qs)[:, None] * (H * HD) + head * HD + d[None, :], y, mask=(qm & run)[:, None])
 
 
 @triton.jit
 def _linear_residual(
     a_ptr, w_ptr, x_ptr, run_ptr, R,
     N: tl.constexpr, KD: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KD: tl.constexpr,
 ):
     """x (R, N) += a (R, KD) @ W^T, W (N, KD): o_proj and down_proj with their residual."""
-    if tl.load(run_ptr) != 0:
-        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        rmask = rows < R
-        cmask = cols < N
-        acc = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
-        for k0 in tl.static_range(0, KD, BLOCK_K):
-            kk = k0 + tl.arange(0, BLOCK_K)
-            km = kk < KD
-            a = tl.load(a_ptr + rows[:, None] * KD + kk[None, :], mask=rmask[:, None] & km[None, :], other=0.0)
-            w = tl.load(w_ptr + cols[None, :] * KD + kk[:, None], mask=cmask[None, :] & km[:, None], other=0.0)
-            acc = tl.dot(a, w, acc, input_precision="ieee")
-        xo = x_ptr + rows[:, None] * N + cols[None, :]
-        m2 = rmask[:, None] & cmask[None, :]
-        tl.store(xo, tl.load(xo, mask=m2, other=0.0) + acc, mask=m2)
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    kk = tl.arange(0, BLOCK_KD)
+    m2 = (rows[:, None] < R) & (cols[None, :] < N)
+    w = _weight_t(w_ptr, cols, cols < N, KD, BLOCK_KD)
+    a = tl.load(a_ptr + rows[:, None] * KD + kk[None, :], mask=(rows[:, None] < R) & (kk[None, :] < KD), other=0.0)
+    xo = x_ptr + rows[:, None] * N + cols[None, :]
+    x = tl.load(xo, mask=m2, other=0.0)
+    run = _run_flag(run_ptr, rows)[:, None]
+    tl.store(xo, x + tl.dot(a, w, input_precision="ieee"), mask=m2 & run)
 
 
 @triton.jit
 def _gate_up(
     x_ptr, norm_ptr, w_ptr, act_ptr, run_ptr, R, eps,
     C: tl.constexpr, I: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """act = silu(h Wg^T) * (h Wu^T), h = RMSNorm(x); W = [Wg; Wu] (2I, C)."""
-    if tl.load(run_ptr) != 0:
-        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        rmask = rows < R
-        cmask = cols < I
-        inv = _rms_scale(x_ptr, rows, rmask, C, BLOCK_C, eps)
-        g = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
-        u = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
-        for k0 in tl.static_range(0, C, BLOCK_K):
-            kk = k0 + tl.arange(0, BLOCK_K)
-            km = kk < C
-            x = tl.load(x_ptr + rows[:, None] * C + kk[None, :], mask=rmask[:, None] & km[None, :], other=0.0)
-            h = x * inv[:, None] * tl.load(norm_ptr + kk, mask=km, other=0.0)[None, :]
-            wm = cmask[None, :] & km[:, None]
-            g = tl.dot(h, tl.load(w_ptr + cols[None, :] * C + kk[:, None], mask=wm, other=0.0), g, input_precision="ieee")
-            u = tl.dot(h, tl.load(w_ptr + (I + cols)[None, :] * C + kk[:, None], mask=wm, other=0.0), u, input_precision="ieee")
-        act = g / (1.0 + tl.exp(-g)) * u
-        tl.store(act_ptr + rows[:, None] * I + cols[None, :], act, mask=rmask[:, None] & cmask[None, :])
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    kk = tl.arange(0, BLOCK_C)
+    wg = _weight_t(w_ptr, cols, cols < I, C, BLOCK_C)
+    wu = _weight_t(w_ptr, I + cols, cols < I, C, BLOCK_C)
+    x = tl.load(x_ptr + rows[:, None] * C + kk[None, :], mask=(rows[:, None] < R) & (kk[None, :] < C), other=0.0)
+    run = _run_flag(run_ptr, rows)[:, None]
+    h = _rms_norm(x, norm_ptr, C, BLOCK_C, eps)
+    g = tl.dot(h, wg, input_precision="ieee")
+    u = tl.dot(h, wu, input_precision="ieee")
+    act = g / (1.0 + tl.exp(-g)) * u
+    tl.store(act_ptr + rows[:, None] * I + cols[None, :], act,
+             mask=(rows[:, None] < R) & (cols[None, :] < I) & run)
 
 
 @triton.jit
 def _heads(
     x_ptr, norm_ptr, w_ptr, logits_ptr, task_loss_ptr, cache_len_ptr, run_ptr, B, eps,
     C: tl.constexpr, K: tl.constexpr, NL: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Final RMSNorm of each row's last step token, then [lm_head; task-loss head] (NL + K
     outputs): logits (B, NL) and task losses (B, K). Program (0, 0) then advances the cache
     length past the step's K tokens."""
-    if tl.load(run_ptr) != 0:
-        bs = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        bmask = bs < B
-        rows = bs * K + (K - 1)
-        inv = _rms_scale(x_ptr, rows, bmask, C, BLOCK_C, eps)
-        acc = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
-        for k0 in tl.static_range(0, C, BLOCK_K):
-            kk = k0 + tl.arange(0, BLOCK_K)
-            km = kk < C
-            x = tl.load(x_ptr + rows[:, None] * C + kk[None, :], mask=bmask[:, None] & km[None, :], other=0.0)
-            h = x * inv[:, None] * tl.load(norm_ptr + kk, mask=km, other=0.0)[None, :]
-            w = tl.load(w_ptr + cols[None, :] * C + kk[:, None], mask=(cols[None, :] < NL + K) & km[:, None], other=0.0)
-            acc = tl.dot(h, w, acc, input_precision="ieee")
-        lm = bmask[:, None] & (cols[None, :] < NL)
-        tl.store(logits_ptr + bs[:, None] * NL + cols[None, :], acc, mask=lm)
-        tm = bmask[:, None] & (cols[None, :] >= NL) & (cols[None, :] < NL + K)
-        tl.store(task_loss_ptr + bs[:, None] * K + (cols[None, :] - NL), acc, mask=tm)
-        if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
-            tl.store(cache_len_ptr, tl.load(cache_len_ptr) + K)
+    bs = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    kk = tl.arange(0, BLOCK_C)
+    bmask = bs < B
+    w = _weight_t(w_ptr, cols, cols < NL + K, C, BLOCK_C)
+    x = tl.load(x_ptr + (bs * K + (K - 1))[:, None] * C + kk[None, :],
+                mask=bmask[:, None] & (kk[None, :] < C), other=0.0)
+    cache_len = tl.load(cache_len_ptr)
+    run = _run_flag(run_ptr, bs)[:, None]
+    out = tl.dot(_rms_norm(x, norm_ptr, C, BLOCK_C, eps), w, input_precision="ieee")
+    tl.store(logits_ptr + bs[:, None] * NL + cols[None, :], out, mask=bmask[:, None] & (cols[None, :] < NL) & run)
+    tm = bmask[:, None] & (cols[None, :] >= NL) & (cols[None, :] < NL + K) & run
+    tl.store(task_loss_ptr + bs[:, None] * K + (cols[None, :] - NL), out, mask=tm)
+    if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
+        tl.store(cache_len_ptr, tl.where(tl.load(run_ptr) != 0, cache_len + K, cache_len))
 
 
 def supported(cfg) -> bool:
@@ -373,12 +383,12 @@ class FusedDecoder:
     """The decoder's weights packed for the kernels (once per backend), and the launch of one
     decode step on a ``DecodeState``'s buffers."""
 
-    # Rows per GEMM tile (tl.dot needs >= 16), output columns per program, reduction chunk;
-    # keys per split of the attention and per inner block; warps per GEMM program.
-    # (scripts/tune_triton_decode.py times the alternatives on a GPU.)
-    BLOCK_R, BLOCK_N, BLOCK_K = 16, 32, 64
-    HEADS_BLOCK_N = 64
-    ATTN_SPLIT, ATTN_BLOCK_N = 256, 64
+    # Rows per GEMM tile (tl.dot needs >= 16) and output columns per program; a split of the
+    # attention is ATTN_BLOCKS blocks of ATTN_BLOCK_N keys; _merge takes MERGE_BLOCK_S splits
+    # at a time; warps per GEMM program. (scripts/tune_triton_decode.py times alternatives.)
+    BLOCK_R, BLOCK_N, HEADS_BLOCK_N = 16, 16, 32
+    ATTN_BLOCKS, ATTN_BLOCK_N = 2, 64
+    MERGE_BLOCK_S = 32
     NUM_WARPS = 4
 
     def __init__(self, backend):
@@ -412,7 +422,7 @@ class FusedDecoder:
 
         B, K, C, H, HD = st.B, self.K, self.C, self.H, self.HD
         dev, f32 = st.k_cache.device, torch.float32
-        S = triton.cdiv(st.cap, self.ATTN_SPLIT)
+        S = triton.cdiv(st.cap, self.ATTN_BLOCKS * self.ATTN_BLOCK_N)
         return {
             "S": S,
             "x": torch.zeros(B * K, C, device=dev, dtype=f32),
@@ -423,6 +433,8 @@ class FusedDecoder:
             "pl": torch.zeros(B * H * S * K, device=dev, dtype=f32),
             "pacc": torch.zeros(B * H * S * K, HD, device=dev, dtype=f32),
             "ids": torch.zeros(B, K, device=dev, dtype=torch.int32),
+            "picks": torch.zeros(B, K, device=dev, dtype=torch.int32),
+            "left": torch.zeros(B, device=dev, dtype=torch.int32),
             "run": torch.zeros(1, device=dev, dtype=torch.int32),
         }
 
@@ -432,43 +444,48 @@ class FusedDecoder:
         b = st.fused_buffers
         B, K, V, C, H, HD, I = st.B, self.K, self.V, self.C, self.H, self.HD, self.I
         R, S = B * K, b["S"]
-        BR, BN, BK, nw = self.BLOCK_R, self.BLOCK_N, self.BLOCK_K, self.NUM_WARPS
+        BR, BN, nw = self.BLOCK_R, self.BLOCK_N, self.NUM_WARPS
         BC = _pow2(C)
+        _pick[(B,)](
+            st.logits, st.chosen, st.done, b["picks"], b["left"],
+            K=K, V=V, PAD=self.pad, BLOCK_V=_pow2(V), BLOCK_K=_pow2(K),
+        )
         _select[(1,)](
-            st.logits, st.task_loss, st.chosen, st.finished, st.frame_tokens, st.frame_tokens.stride(0),
+            b["picks"], b["left"], st.task_loss, st.chosen, st.finished, st.frame_tokens, st.frame_tokens.stride(0),
             st.n_frame, st.cache_len, st.done, st.first, st.budget, st.requirement, st.has_requirement,
             st.key_mask, st.key_mask.stride(0), b["ids"], b["run"], B,
-            K=K, V=V, PAD=self.pad, BLOCK_B=_pow2(B), BLOCK_V=_pow2(V), BLOCK_K=_pow2(K),
-            num_warps=8 if B > 8 else 4,
+            K=K, V=V, PAD=self.pad, BLOCK_B=_pow2(B), BLOCK_K=_pow2(K),
         )
         rows = triton.cdiv(R, BR)
+        split = self.ATTN_BLOCKS * self.ATTN_BLOCK_N
         for i, (n_in, w_qkv, w_o, n_post, w_gu, w_down) in enumerate(self.layers):
             _qkv[(rows, 3 * H)](
                 b["x"], b["ids"], self.embed, n_in, w_qkv, st.rope_cos, st.rope_sin, b["q"],
                 st.k_cache[i], st.v_cache[i], st.cache_len, b["run"], R, st.cap, self.eps,
-                GATHER=i == 0, C=C, H=H, HD=HD, K=K, BLOCK_R=BR, BLOCK_C=BC, BLOCK_K=BK, num_warps=nw,
+                GATHER=i == 0, C=C, H=H, HD=HD, K=K, BLOCK_R=BR, BLOCK_C=BC, num_warps=nw,
             )
             _attention[(B * H, S)](
                 b["q"], st.k_cache[i], st.v_cache[i], st.key_mask, st.key_mask.stride(0), st.cache_len,
                 b["run"], b["pm"], b["pl"], b["pacc"], st.cap, S, self.scale,
-                H=H, HD=HD, K=K, SPLIT=self.ATTN_SPLIT, BLOCK_N=self.ATTN_BLOCK_N, BLOCK_Q=_pow2(max(K, 16)),
+                H=H, HD=HD, K=K, BLOCKS=self.ATTN_BLOCKS, BLOCK_N=self.ATTN_BLOCK_N, BLOCK_Q=_pow2(max(K, 16)),
             )
             _merge[(B * H,)](
-                b["pm"], b["pl"], b["pacc"], b["y"], b["run"], S,
-                H=H, HD=HD, K=K, BLOCK_S=16, BLOCK_Q=_pow2(K),
+                b["pm"], b["pl"], b["pacc"], b["y"], st.cache_len, b["run"], S,
+                H=H, HD=HD, K=K, SPLIT=split, BLOCK_S=self.MERGE_BLOCK_S, BLOCK_Q=_pow2(K), num_warps=8,
             )
             _linear_residual[(rows, triton.cdiv(C, BN))](
-                b["y"], w_o, b["x"], b["run"], R, N=C, KD=C, BLOCK_R=BR, BLOCK_N=BN, BLOCK_K=BK, num_warps=nw,
+                b["y"], w_o, b["x"], b["run"], R, N=C, KD=C, BLOCK_R=BR, BLOCK_N=BN, BLOCK_KD=BC, num_warps=nw,
             )
             _gate_up[(rows, triton.cdiv(I, BN))](
                 b["x"], n_post, w_gu, b["act"], b["run"], R, self.eps,
-                C=C, I=I, BLOCK_R=BR, BLOCK_C=BC, BLOCK_N=BN, BLOCK_K=BK, num_warps=nw,
+                C=C, I=I, BLOCK_R=BR, BLOCK_C=BC, BLOCK_N=BN, num_warps=nw,
             )
             _linear_residual[(rows, triton.cdiv(C, BN))](
-                b["act"], w_down, b["x"], b["run"], R, N=C, KD=I, BLOCK_R=BR, BLOCK_N=BN, BLOCK_K=BK, num_warps=nw,
+                b["act"], w_down, b["x"], b["run"], R, N=C, KD=I, BLOCK_R=BR, BLOCK_N=BN, BLOCK_KD=_pow2(I),
+                num_warps=nw,
             )
         NL = K * V
         _heads[(triton.cdiv(B, BR), triton.cdiv(NL + K, self.HEADS_BLOCK_N))](
             b["x"], self.final_norm, self.w_heads, st.logits, st.task_loss, st.cache_len, b["run"], B, self.eps,
-            C=C, K=K, NL=NL, BLOCK_R=BR, BLOCK_C=BC, BLOCK_N=self.HEADS_BLOCK_N, BLOCK_K=BK,
+            C=C, K=K, NL=NL, BLOCK_R=BR, BLOCK_C=BC, BLOCK_N=self.HEADS_BLOCK_N, num_warps=nw,
         )
