@@ -13,6 +13,7 @@ with hypothesis): every file is checked as-is, then used as a seed for mutations
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from pathlib import Path
@@ -184,8 +185,24 @@ def weights_seeds(cfg: dict) -> dict[str, bytes]:
     return out
 
 
+def input_seeds() -> dict[str, bytes]:
+    """Seeds of scripts/fuzz_atheris.py's `inputs` target: atheris reads its choices (which
+    check, dtype, rank, sizes, values) out of these bytes, so any bytes are valid; a spread of
+    lengths (deterministic SHA-256 streams) starts it on every branch."""
+    out = {}
+    for i, n in enumerate((4, 16, 16, 64, 64, 256, 256, 1024)):
+        stream, block = b"", hashlib.sha256(f"atheris-seed-{i}".encode()).digest()
+        while len(stream) < n:
+            stream += block
+            block = hashlib.sha256(block).digest()
+        out[f"seed_{i}_{n}.bin"] = stream[:n]
+    out["zeros_64.bin"] = b"\0" * 64
+    out["ones_64.bin"] = b"\xff" * 64
+    return out
+
+
 def main() -> None:
-    for sub in ("config", "weights"):
+    for sub in ("config", "weights", "inputs"):
         d = OUT / sub
         d.mkdir(parents=True, exist_ok=True)
         for old in d.iterdir():
@@ -196,6 +213,8 @@ def main() -> None:
     (OUT / "weights" / "config.json").write_text(json.dumps(cfg, indent=2))
     for name, blob in weights_seeds(cfg).items():
         (OUT / "weights" / name).write_bytes(blob)
+    for name, blob in input_seeds().items():
+        (OUT / "inputs" / name).write_bytes(blob)
     total = sum(p.stat().st_size for p in OUT.rglob("*") if p.is_file())
     print(f"wrote {sum(1 for _ in OUT.rglob('*.*'))} files, {total} bytes, to {OUT}")
 
