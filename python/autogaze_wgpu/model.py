@@ -121,6 +121,7 @@ class AutoGaze:
         backend: str = "reference",
         device: Optional[str] = None,
         precision: str = "float32",
+        **backend_options: Any,
     ) -> "AutoGaze":
         """Loads ``config.json`` + ``model.safetensors`` from a directory or a Hub repo id.
 
@@ -132,12 +133,17 @@ class AutoGaze:
             also has fast modes whose tokens may differ from the reference's: "tf32" (TF32
             matmuls/convolutions on NVIDIA GPUs; the same as float32 on CPU) and "bf16"
             (bfloat16 GEMMs; selection stays float32). docs/benchmarks.md has their agreement.
+        backend_options: the backend's own settings. The torch backend's ``decode_kernels``:
+            "auto" (default: fused Triton kernels on CUDA in float32, else the eager torch
+            step), "triton" or "torch".
         """
         from . import _native
 
         model_dir = resolve_model_dir(path_or_repo_id)
         config = AutoGazeConfig.from_dict(_native.load_config(str(model_dir)))
-        return cls(config, create_backend(backend, config, str(model_dir), device, precision), str(model_dir))
+        return cls(
+            config, create_backend(backend, config, str(model_dir), device, precision, **backend_options), str(model_dir)
+        )
 
     @property
     def backend_name(self) -> str:
