@@ -17,9 +17,9 @@ nvidia-smi -L | tee "$OUT/device.txt"
 python3 -c "import autogaze_wgpu._native as n; print(n.wgpu_adapter_info())" | tee -a "$OUT/device.txt"
 case "${1:-all}" in
   all|test)
-    AUTOGAZE_TEST_DEVICE=cuda timeout 300 python3 -m pytest -q -p no:cacheprovider \
+    AUTOGAZE_TEST_DEVICE=cuda timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider \
       tests/test_official_fixtures.py tests/test_api.py tests/test_generation_rules.py \
-      tests/test_torch_backend.py tests/test_processor.py 2>&1 | tee "$OUT/pytest_cuda.log" | tail -25 ;;
+      tests/test_torch_backend.py tests/test_torch_fused_decode.py tests/test_stream_horizon.py tests/test_processor.py 2>&1 | tee "$OUT/pytest_cuda.log" | tail -25 ;;
 esac
 case "${1:-all}" in
   all|bench)

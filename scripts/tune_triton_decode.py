@@ -18,12 +18,11 @@ from pathlib import Path
 
 
 def main(argv=None) -> int:
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
     import autogaze_wgpu as ag
+    import torch
     from autogaze_wgpu.backends.triton_decode import FusedDecoder
     from autogaze_wgpu.reference.modeling import rope_cos_sin
+    from torch.profiler import ProfilerActivity, profile
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, type=Path)
@@ -33,15 +32,18 @@ def main(argv=None) -> int:
     p.add_argument("--block-n", default="16,32")
     p.add_argument("--attn", default="2x64,1x128,4x64", help="blocks per split x keys per block")
     p.add_argument("--warps", default="2,4")
+    p.add_argument("--fuse-out", default="0,1", help="FUSE_ATTN_OUT values")
     p.add_argument("--reps", type=int, default=200)
     a = p.parse_args(argv)
     model = ag.AutoGaze.from_pretrained(a.model, backend="torch", device="cuda", decode_kernels="triton")
     be = model.backend
     g = torch.Generator(device="cuda").manual_seed(0)
     for B in [int(x) for x in a.batch.split(",")]:
-        for bn, attn, nw in itertools.product(a.block_n.split(","), a.attn.split(","), a.warps.split(",")):
+        for bn, attn, nw, fo in itertools.product(a.block_n.split(","), a.attn.split(","), a.warps.split(","),
+                                                  a.fuse_out.split(",")):
             blocks, abn = (int(x) for x in attn.split("x"))
-            cfg = dict(BLOCK_N=int(bn), ATTN_BLOCKS=blocks, ATTN_BLOCK_N=abn, NUM_WARPS=int(nw))
+            cfg = {"BLOCK_N": int(bn), "ATTN_BLOCKS": blocks, "ATTN_BLOCK_N": abn, "NUM_WARPS": int(nw),
+                   "FUSE_ATTN_OUT": fo == "1"}
             fused = type("Tuned", (FusedDecoder,), cfg)(be)
             be.fused = fused
             st = be.acquire_state(B, a.capacity)
@@ -61,11 +63,11 @@ def main(argv=None) -> int:
             saved = [t.clone() for t in (st.chosen, st.n_frame, st.done, st.cache_len, st.frame_tokens)]
             live = (st.chosen, st.n_frame, st.done, st.cache_len, st.frame_tokens)
 
-            def restore():
+            def restore(live=live, saved=saved):
                 for t, v in zip(live, saved):
                     t.copy_(v)
 
-            def one():
+            def one(fused=fused, st=st, restore=restore):
                 restore()
                 fused.step(st)
 

@@ -174,7 +174,7 @@ class DecodeState:
 
     # -- one frame --------------------------------------------------------------------------
     def frame(self, vision_embeds, budget: int, requirement: Optional[float]) -> "torch.Tensor":
-        B, pad, K = self.B, self.pad, self.K
+        pad, K = self.pad, self.K
         # 1. Prefill, a static shape: the previous frame's pending last step padded to K
         #    slots, then the vision tokens (see _prefill). Its inputs go into static buffers;
         #    the host-valued settings are written here, outside any graph.

@@ -34,6 +34,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+
 def _pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
@@ -129,11 +130,11 @@ def _select(
         tl.store(run_ptr, run)
 
 
-# The kernels below issue every load that does not depend on another one first (weights,
-# rows, the run flag, the cache length) and mask their stores with the run flag, instead of
-# branching on it or looping over chunks: at these sizes a kernel's time is its chain of
-# dependent memory round trips, not its arithmetic. The flag is loaded as a vector (one
-# address, ``_run_flag``): Triton's interpreter cannot mask a store with a scalar.
+# The kernels below issue every load that does not wait for another first and mask their
+# stores with the run flag rather than branching on it, so the flag costs no round trip of
+# its own: at these sizes a kernel's time is its chain of dependent memory round trips, not
+# its arithmetic. The flag is loaded as a vector (one address, ``_run_flag``): Triton's
+# interpreter cannot mask a store with a scalar.
 
 
 @triton.jit
@@ -143,20 +144,33 @@ def _run_flag(run_ptr, like):
 
 
 @triton.jit
-def _rms_norm(x, w_ptr, C: tl.constexpr, BLOCK_C: tl.constexpr, eps):
-    """LlamaRMSNorm of the rows of x (BLOCK_R, BLOCK_C), zero past column C."""
+def _rms_scale(src, rmask, C: tl.constexpr, BLOCK_C: tl.constexpr, eps):
+    """1 / sqrt(mean(x^2) + eps) of the rows at ``src`` (row pointers), LlamaRMSNorm's
+    float32 statistics."""
     cols = tl.arange(0, BLOCK_C)
-    w = tl.load(w_ptr + cols, mask=cols < C, other=0.0)
-    inv = 1.0 / tl.sqrt(tl.sum(x * x, 1) / C + eps)
-    return x * inv[:, None] * w[None, :]
+    x = tl.load(src[:, None] + cols[None, :], mask=rmask[:, None] & (cols[None, :] < C), other=0.0)
+    return 1.0 / tl.sqrt(tl.sum(x * x, 1) / C + eps)
 
 
 @triton.jit
-def _weight_t(w_ptr, out_rows, rows_ok, KD: tl.constexpr, BLOCK_KD: tl.constexpr):
-    """W[out_rows, :KD]^T as a (BLOCK_KD, len(out_rows)) tile (W row-major with KD columns),
-    zero past KD and where not rows_ok."""
-    kk = tl.arange(0, BLOCK_KD)
-    return tl.load(w_ptr + out_rows[None, :] * KD + kk[:, None], mask=(kk[:, None] < KD) & rows_ok[None, :], other=0.0)
+def _matmul_t(
+    src, rmask, scale, norm_ptr, w_ptr, out_rows, out_ok,
+    KD: tl.constexpr, NORM: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """(BLOCK_R, BLOCK_N) = a @ W[out_rows]^T with a = the rows at ``src`` (row pointers,
+    KD columns), RMSNorm'ed first when NORM (x * scale[row] * norm[col]); W row-major
+    (., KD). Chunks of BLOCK_K through ``tl.dot`` in IEEE float32 (never TF32)."""
+    acc = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
+    for k0 in tl.static_range(0, KD, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        km = kk < KD
+        a = tl.load(src[:, None] + kk[None, :], mask=rmask[:, None] & km[None, :], other=0.0)
+        if NORM:
+            a = a * scale[:, None] * tl.load(norm_ptr + kk, mask=km, other=0.0)[None, :]
+        w = tl.load(w_ptr + out_rows[None, :] * KD + kk[:, None], mask=out_ok[None, :] & km[:, None], other=0.0)
+        acc = tl.dot(a, w, acc, input_precision="ieee")
+    return acc
 
 
 @triton.jit
@@ -164,7 +178,7 @@ def _qkv(
     x_ptr, ids_ptr, embed_ptr, norm_ptr, w_ptr, cos_ptr, sin_ptr, q_ptr, kc_ptr, vc_ptr,
     cache_len_ptr, run_ptr, R, cap, eps,
     GATHER: tl.constexpr, C: tl.constexpr, H: tl.constexpr, HD: tl.constexpr, K: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """RMSNorm(x) @ [Wq; Wk; Wv]^T for one head of q, k or v (program axis 1), RoPE on q and
     k, q to ``q_ptr`` (B, H, K, HD) and k/v into the cache at slots cache_len + [0, K).
@@ -174,30 +188,29 @@ def _qkv(
     which = tl.program_id(1) // H  # 0 q, 1 k, 2 v
     head = tl.program_id(1) % H
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.arange(0, BLOCK_C)
     n = tl.arange(0, HALF)
     rmask = rows < R
-    m2 = rmask[:, None] & (cols[None, :] < C)
-    base = which * C + head * HD
-    w_lo = _weight_t(w_ptr, base + n, n < HALF, C, BLOCK_C)
-    w_hi = _weight_t(w_ptr, base + HALF + n, n < HALF, C, BLOCK_C)
+    run = _run_flag(run_ptr, rows)[:, None]
     cs = rows[:, None] * HD + n[None, :]
     c_lo = tl.load(cos_ptr + cs, mask=rmask[:, None], other=0.0)
     s_lo = tl.load(sin_ptr + cs, mask=rmask[:, None], other=0.0)
     c_hi = tl.load(cos_ptr + cs + HALF, mask=rmask[:, None], other=0.0)
     s_hi = tl.load(sin_ptr + cs + HALF, mask=rmask[:, None], other=0.0)
-    run = _run_flag(run_ptr, rows)[:, None]
     slot = tl.load(cache_len_ptr).to(tl.int32) + rows % K
     if GATHER:
-        tok = tl.load(ids_ptr + rows, mask=rmask, other=0)
-        x = tl.load(embed_ptr + tok[:, None] * C + cols[None, :], mask=m2, other=0.0)
+        src = embed_ptr + tl.load(ids_ptr + rows, mask=rmask, other=0).to(tl.int64) * C
         if tl.program_id(1) == 0:
-            tl.store(x_ptr + rows[:, None] * C + cols[None, :], x, mask=m2 & run)
+            cols = tl.arange(0, BLOCK_C)
+            m2 = rmask[:, None] & (cols[None, :] < C)
+            emb = tl.load(src[:, None] + cols[None, :], mask=m2, other=0.0)
+            tl.store(x_ptr + rows[:, None] * C + cols[None, :], emb, mask=m2 & run)
     else:
-        x = tl.load(x_ptr + rows[:, None] * C + cols[None, :], mask=m2, other=0.0)
-    h = _rms_norm(x, norm_ptr, C, BLOCK_C, eps)
-    lo = tl.dot(h, w_lo, input_precision="ieee")
-    hi = tl.dot(h, w_hi, input_precision="ieee")
+        src = x_ptr + rows * C
+    inv = _rms_scale(src, rmask, C, BLOCK_C, eps)
+    base = which * C + head * HD
+    ok = n < HALF
+    lo = _matmul_t(src, rmask, inv, norm_ptr, w_ptr, base + n, ok, C, True, BLOCK_R, HALF, BLOCK_K)
+    hi = _matmul_t(src, rmask, inv, norm_ptr, w_ptr, base + HALF + n, ok, C, True, BLOCK_R, HALF, BLOCK_K)
     if which < 2:  # RoPE, rotate-half convention: (lo, hi) -> (lo c - hi s, hi c + lo s)
         lo, hi = lo * c_lo + (-hi) * s_lo, hi * c_hi + lo * s_hi
     b = rows // K
@@ -302,65 +315,140 @@ def _merge(
 
 
 @triton.jit
+def _attention_oproj(
+    q_ptr, kc_ptr, vc_ptr, key_mask_ptr, km_stride, cache_len_ptr, run_ptr,
+    pm_ptr, pl_ptr, pacc_ptr, count_ptr, wo_ptr, x_ptr, cap, S, scale,
+    C: tl.constexpr, H: tl.constexpr, HD: tl.constexpr, K: tl.constexpr,
+    BLOCKS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """``_attention``, ``_merge`` and o_proj + residual in one launch: each (row, head,
+    split) program writes its partials, and the last program of a batch row to finish (an
+    atomic count per row) merges every head's splits and adds y @ Wo^T to the row's residual
+    stream, then resets the count."""
+    bh = tl.program_id(0)
+    sp = tl.program_id(1)
+    b = bh // H
+    qs = tl.arange(0, BLOCK_Q)
+    d = tl.arange(0, HD)
+    qm = qs < K
+    q = tl.load(q_ptr + (bh * K + qs)[:, None] * HD + d[None, :], mask=qm[:, None], other=0.0)
+    cache_len = tl.load(cache_len_ptr).to(tl.int32)
+    end = cache_len + K
+    SPLIT: tl.constexpr = BLOCKS * BLOCK_N
+    used = tl.cdiv(end, SPLIT)
+    if (tl.load(run_ptr) != 0) & (sp < used):
+        m_i = tl.full([BLOCK_Q], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_Q], tl.float32)
+        acc = tl.zeros([BLOCK_Q, HD], tl.float32)
+        kv = bh * cap * HD
+        for j in tl.static_range(BLOCKS):
+            kn = (sp * BLOCKS + j) * BLOCK_N + tl.arange(0, BLOCK_N)
+            inn = kn < end
+            keys = tl.load(kc_ptr + kv + kn[:, None] * HD + d[None, :], mask=inn[:, None], other=0.0)
+            vals = tl.load(vc_ptr + kv + kn[:, None] * HD + d[None, :], mask=inn[:, None], other=0.0)
+            key_ok = tl.load(key_mask_ptr + b * km_stride + kn, mask=inn, other=0).to(tl.int32) != 0
+            sc = tl.dot(q, tl.trans(keys), input_precision="ieee") * scale
+            allowed = (kn[None, :] <= cache_len + qs[:, None]) & key_ok[None, :] & inn[None, :]
+            sc = tl.where(allowed, sc, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(sc, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m_i - m_safe)
+            p = tl.exp(sc - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = tl.dot(p, vals, acc * alpha[:, None], input_precision="ieee")
+            m_i = m_new
+        o = (bh * S + sp) * K + qs
+        tl.store(pm_ptr + o, m_i, mask=qm)
+        tl.store(pl_ptr + o, l_i, mask=qm)
+        tl.store(pacc_ptr + o[:, None] * HD + d[None, :], acc, mask=qm[:, None])
+        tl.debug_barrier()  # every thread's partials are written before the count moves
+        if tl.atomic_add(count_ptr + b, 1, sem="acq_rel", scope="gpu") == H * used - 1:
+            cols = tl.arange(0, BLOCK_C)
+            out = tl.zeros([BLOCK_Q, BLOCK_C], tl.float32)
+            for h in tl.static_range(H):
+                m = tl.full([BLOCK_Q], float("-inf"), tl.float32)
+                total = tl.zeros([BLOCK_Q], tl.float32)
+                y = tl.zeros([BLOCK_Q, HD], tl.float32)
+                for s0 in range(0, used, BLOCK_S):
+                    ss = s0 + tl.arange(0, BLOCK_S)
+                    po = ((b * H + h) * S + ss)[:, None] * K + qs[None, :]  # (BLOCK_S, BLOCK_Q)
+                    msk = (ss[:, None] < used) & qm[None, :]
+                    pm = tl.load(pm_ptr + po, mask=msk, other=float("-inf"), cache_modifier=".cg")
+                    pl = tl.load(pl_ptr + po, mask=msk, other=0.0, cache_modifier=".cg")
+                    part = tl.load(pacc_ptr + po[:, :, None] * HD + d[None, None, :], mask=msk[:, :, None],
+                                   other=0.0, cache_modifier=".cg")
+                    m_new = tl.maximum(m, tl.max(pm, 0))
+                    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                    alpha = tl.exp(m - m_safe)
+                    w = tl.exp(pm - m_safe[None, :])
+                    total = total * alpha + tl.sum(w * pl, 0)
+                    y = y * alpha[:, None] + tl.sum(w[:, :, None] * part, 0)
+                    m = m_new
+                y = y / tl.where(qm, total, 1.0)[:, None]
+                # o_proj's columns h*HD .. h*HD+HD-1 as a (HD, BLOCK_C) tile of Wo^T
+                wo = tl.load(wo_ptr + cols[None, :] * C + h * HD + d[:, None], mask=cols[None, :] < C, other=0.0)
+                out = tl.dot(y, wo, out, input_precision="ieee")
+            xo = x_ptr + (b * K + qs)[:, None] * C + cols[None, :]
+            m2 = qm[:, None] & (cols[None, :] < C)
+            tl.store(xo, tl.load(xo, mask=m2, other=0.0, cache_modifier=".cg") + out, mask=m2)
+            tl.store(count_ptr + b, 0)
+
+
+@triton.jit
 def _linear_residual(
     a_ptr, w_ptr, x_ptr, run_ptr, R,
     N: tl.constexpr, KD: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KD: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """x (R, N) += a (R, KD) @ W^T, W (N, KD): o_proj and down_proj with their residual."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    kk = tl.arange(0, BLOCK_KD)
     m2 = (rows[:, None] < R) & (cols[None, :] < N)
-    w = _weight_t(w_ptr, cols, cols < N, KD, BLOCK_KD)
-    a = tl.load(a_ptr + rows[:, None] * KD + kk[None, :], mask=(rows[:, None] < R) & (kk[None, :] < KD), other=0.0)
     xo = x_ptr + rows[:, None] * N + cols[None, :]
     x = tl.load(xo, mask=m2, other=0.0)
     run = _run_flag(run_ptr, rows)[:, None]
-    tl.store(xo, x + tl.dot(a, w, input_precision="ieee"), mask=m2 & run)
+    y = _matmul_t(a_ptr + rows * KD, rows < R, x_ptr, x_ptr, w_ptr, cols, cols < N, KD, False,
+                  BLOCK_R, BLOCK_N, BLOCK_K)
+    tl.store(xo, x + y, mask=m2 & run)
 
 
 @triton.jit
 def _gate_up(
     x_ptr, norm_ptr, w_ptr, act_ptr, run_ptr, R, eps,
     C: tl.constexpr, I: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """act = silu(h Wg^T) * (h Wu^T), h = RMSNorm(x); W = [Wg; Wu] (2I, C)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    kk = tl.arange(0, BLOCK_C)
-    wg = _weight_t(w_ptr, cols, cols < I, C, BLOCK_C)
-    wu = _weight_t(w_ptr, I + cols, cols < I, C, BLOCK_C)
-    x = tl.load(x_ptr + rows[:, None] * C + kk[None, :], mask=(rows[:, None] < R) & (kk[None, :] < C), other=0.0)
+    rmask = rows < R
     run = _run_flag(run_ptr, rows)[:, None]
-    h = _rms_norm(x, norm_ptr, C, BLOCK_C, eps)
-    g = tl.dot(h, wg, input_precision="ieee")
-    u = tl.dot(h, wu, input_precision="ieee")
+    src = x_ptr + rows * C
+    inv = _rms_scale(src, rmask, C, BLOCK_C, eps)
+    g = _matmul_t(src, rmask, inv, norm_ptr, w_ptr, cols, cols < I, C, True, BLOCK_R, BLOCK_N, BLOCK_K)
+    u = _matmul_t(src, rmask, inv, norm_ptr, w_ptr, I + cols, cols < I, C, True, BLOCK_R, BLOCK_N, BLOCK_K)
     act = g / (1.0 + tl.exp(-g)) * u
-    tl.store(act_ptr + rows[:, None] * I + cols[None, :], act,
-             mask=(rows[:, None] < R) & (cols[None, :] < I) & run)
+    tl.store(act_ptr + rows[:, None] * I + cols[None, :], act, mask=rmask[:, None] & (cols[None, :] < I) & run)
 
 
 @triton.jit
 def _heads(
     x_ptr, norm_ptr, w_ptr, logits_ptr, task_loss_ptr, cache_len_ptr, run_ptr, B, eps,
     C: tl.constexpr, K: tl.constexpr, NL: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Final RMSNorm of each row's last step token, then [lm_head; task-loss head] (NL + K
     outputs): logits (B, NL) and task losses (B, K). Program (0, 0) then advances the cache
     length past the step's K tokens."""
     bs = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    kk = tl.arange(0, BLOCK_C)
     bmask = bs < B
-    w = _weight_t(w_ptr, cols, cols < NL + K, C, BLOCK_C)
-    x = tl.load(x_ptr + (bs * K + (K - 1))[:, None] * C + kk[None, :],
-                mask=bmask[:, None] & (kk[None, :] < C), other=0.0)
     cache_len = tl.load(cache_len_ptr)
     run = _run_flag(run_ptr, bs)[:, None]
-    out = tl.dot(_rms_norm(x, norm_ptr, C, BLOCK_C, eps), w, input_precision="ieee")
+    src = x_ptr + (bs * K + (K - 1)) * C
+    inv = _rms_scale(src, bmask, C, BLOCK_C, eps)
+    out = _matmul_t(src, bmask, inv, norm_ptr, w_ptr, cols, cols < NL + K, C, True, BLOCK_R, BLOCK_N, BLOCK_K)
     tl.store(logits_ptr + bs[:, None] * NL + cols[None, :], out, mask=bmask[:, None] & (cols[None, :] < NL) & run)
     tm = bmask[:, None] & (cols[None, :] >= NL) & (cols[None, :] < NL + K) & run
     tl.store(task_loss_ptr + bs[:, None] * K + (cols[None, :] - NL), out, mask=tm)
@@ -383,13 +471,16 @@ class FusedDecoder:
     """The decoder's weights packed for the kernels (once per backend), and the launch of one
     decode step on a ``DecodeState``'s buffers."""
 
-    # Rows per GEMM tile (tl.dot needs >= 16) and output columns per program; a split of the
-    # attention is ATTN_BLOCKS blocks of ATTN_BLOCK_N keys; _merge takes MERGE_BLOCK_S splits
-    # at a time; warps per GEMM program. (scripts/tune_triton_decode.py times alternatives.)
-    BLOCK_R, BLOCK_N, HEADS_BLOCK_N = 16, 16, 32
+    # Rows per GEMM tile (tl.dot needs >= 16), output columns per program and reduction
+    # chunk; a split of the attention is ATTN_BLOCKS blocks of ATTN_BLOCK_N keys; _merge
+    # takes MERGE_BLOCK_S splits at a time; warps per GEMM program.
+    # (scripts/tune_triton_decode.py times alternatives on a GPU.)
+    BLOCK_R, BLOCK_N, BLOCK_K, HEADS_BLOCK_N = 16, 32, 64, 64
     ATTN_BLOCKS, ATTN_BLOCK_N = 2, 64
     MERGE_BLOCK_S = 32
     NUM_WARPS = 4
+    # Attention, merge and o_proj in one launch (_attention_oproj) instead of three.
+    FUSE_ATTN_OUT = False
 
     def __init__(self, backend):
         import torch
@@ -400,7 +491,7 @@ class FusedDecoder:
         self.I, self.K, self.V = cfg.intermediate_size, cfg.num_multi_token_pred, cfg.vocab_size
         self.pad, self.eps = cfg.eos_token_id, float(cfg.rms_norm_eps)
         self.scale = float(dec.model.layers[0].self_attn.scaling)
-        c = lambda t: t.detach().float().contiguous()  # noqa: E731
+        c = lambda t: t.detach().float().contiguous()
         self.embed = c(dec.model.embed_tokens.weight)
         self.layers = []
         for layer in dec.model.layers:
@@ -436,6 +527,7 @@ class FusedDecoder:
             "picks": torch.zeros(B, K, device=dev, dtype=torch.int32),
             "left": torch.zeros(B, device=dev, dtype=torch.int32),
             "run": torch.zeros(1, device=dev, dtype=torch.int32),
+            "count": torch.zeros(B, device=dev, dtype=torch.int32),  # _attention_oproj's per row
         }
 
     def step(self, st) -> None:
@@ -444,7 +536,7 @@ class FusedDecoder:
         b = st.fused_buffers
         B, K, V, C, H, HD, I = st.B, self.K, self.V, self.C, self.H, self.HD, self.I
         R, S = B * K, b["S"]
-        BR, BN, nw = self.BLOCK_R, self.BLOCK_N, self.NUM_WARPS
+        BR, BN, BK, nw = self.BLOCK_R, self.BLOCK_N, self.BLOCK_K, self.NUM_WARPS
         BC = _pow2(C)
         _pick[(B,)](
             st.logits, st.chosen, st.done, b["picks"], b["left"],
@@ -462,30 +554,37 @@ class FusedDecoder:
             _qkv[(rows, 3 * H)](
                 b["x"], b["ids"], self.embed, n_in, w_qkv, st.rope_cos, st.rope_sin, b["q"],
                 st.k_cache[i], st.v_cache[i], st.cache_len, b["run"], R, st.cap, self.eps,
-                GATHER=i == 0, C=C, H=H, HD=HD, K=K, BLOCK_R=BR, BLOCK_C=BC, num_warps=nw,
+                GATHER=i == 0, C=C, H=H, HD=HD, K=K, BLOCK_R=BR, BLOCK_C=BC, BLOCK_K=BK, num_warps=nw,
             )
-            _attention[(B * H, S)](
-                b["q"], st.k_cache[i], st.v_cache[i], st.key_mask, st.key_mask.stride(0), st.cache_len,
-                b["run"], b["pm"], b["pl"], b["pacc"], st.cap, S, self.scale,
-                H=H, HD=HD, K=K, BLOCKS=self.ATTN_BLOCKS, BLOCK_N=self.ATTN_BLOCK_N, BLOCK_Q=_pow2(max(K, 16)),
-            )
-            _merge[(B * H,)](
-                b["pm"], b["pl"], b["pacc"], b["y"], st.cache_len, b["run"], S,
-                H=H, HD=HD, K=K, SPLIT=split, BLOCK_S=self.MERGE_BLOCK_S, BLOCK_Q=_pow2(K), num_warps=8,
-            )
-            _linear_residual[(rows, triton.cdiv(C, BN))](
-                b["y"], w_o, b["x"], b["run"], R, N=C, KD=C, BLOCK_R=BR, BLOCK_N=BN, BLOCK_KD=BC, num_warps=nw,
-            )
+            if self.FUSE_ATTN_OUT:
+                _attention_oproj[(B * H, S)](
+                    b["q"], st.k_cache[i], st.v_cache[i], st.key_mask, st.key_mask.stride(0), st.cache_len,
+                    b["run"], b["pm"], b["pl"], b["pacc"], b["count"], w_o, b["x"], st.cap, S, self.scale,
+                    C=C, H=H, HD=HD, K=K, BLOCKS=self.ATTN_BLOCKS, BLOCK_N=self.ATTN_BLOCK_N,
+                    BLOCK_Q=_pow2(max(K, 16)), BLOCK_S=self.MERGE_BLOCK_S, BLOCK_C=BC,
+                )
+            else:
+                _attention[(B * H, S)](
+                    b["q"], st.k_cache[i], st.v_cache[i], st.key_mask, st.key_mask.stride(0), st.cache_len,
+                    b["run"], b["pm"], b["pl"], b["pacc"], st.cap, S, self.scale,
+                    H=H, HD=HD, K=K, BLOCKS=self.ATTN_BLOCKS, BLOCK_N=self.ATTN_BLOCK_N, BLOCK_Q=_pow2(max(K, 16)),
+                )
+                _merge[(B * H,)](
+                    b["pm"], b["pl"], b["pacc"], b["y"], st.cache_len, b["run"], S,
+                    H=H, HD=HD, K=K, SPLIT=split, BLOCK_S=self.MERGE_BLOCK_S, BLOCK_Q=_pow2(K), num_warps=8,
+                )
+                _linear_residual[(rows, triton.cdiv(C, BN))](
+                    b["y"], w_o, b["x"], b["run"], R, N=C, KD=C, BLOCK_R=BR, BLOCK_N=BN, BLOCK_K=BK, num_warps=nw,
+                )
             _gate_up[(rows, triton.cdiv(I, BN))](
                 b["x"], n_post, w_gu, b["act"], b["run"], R, self.eps,
-                C=C, I=I, BLOCK_R=BR, BLOCK_C=BC, BLOCK_N=BN, num_warps=nw,
+                C=C, I=I, BLOCK_R=BR, BLOCK_C=BC, BLOCK_N=BN, BLOCK_K=BK, num_warps=nw,
             )
             _linear_residual[(rows, triton.cdiv(C, BN))](
-                b["act"], w_down, b["x"], b["run"], R, N=C, KD=I, BLOCK_R=BR, BLOCK_N=BN, BLOCK_KD=_pow2(I),
-                num_warps=nw,
+                b["act"], w_down, b["x"], b["run"], R, N=C, KD=I, BLOCK_R=BR, BLOCK_N=BN, BLOCK_K=BK, num_warps=nw,
             )
         NL = K * V
         _heads[(triton.cdiv(B, BR), triton.cdiv(NL + K, self.HEADS_BLOCK_N))](
             b["x"], self.final_norm, self.w_heads, st.logits, st.task_loss, st.cache_len, b["run"], B, self.eps,
-            C=C, K=K, NL=NL, BLOCK_R=BR, BLOCK_C=BC, BLOCK_N=self.HEADS_BLOCK_N, num_warps=nw,
+            C=C, K=K, NL=NL, BLOCK_R=BR, BLOCK_C=BC, BLOCK_N=self.HEADS_BLOCK_N, BLOCK_K=BK, num_warps=nw,
         )
