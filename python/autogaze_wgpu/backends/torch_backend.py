@@ -27,6 +27,7 @@ import collections
 import contextlib
 import math
 import os
+import sys
 import threading
 from typing import Optional
 
@@ -45,6 +46,24 @@ def _gemv(x, w):
     """x @ w.T as products and a sum: for a handful of rows this beats cuBLAS's fp32 GEMM
     kernels (~45 us each on an H100 for 10x192x192) by an order of magnitude."""
     return (x.unsqueeze(-2) * w).sum(-1)
+
+
+def load_triton_decode():
+    """Imports ``triton_decode`` (and so Triton). libtriton carries its own LLVM; imported
+    into a process that already holds a shared libLLVM (Mesa's, which Vulkan loads for
+    lavapipe when wgpu enumerates adapters) it binds to that one's symbols and crashes the
+    interpreter, so Triton's libraries are loaded with RTLD_DEEPBIND (their own symbols
+    first) where the platform has it."""
+    if "triton" not in sys.modules and hasattr(os, "RTLD_DEEPBIND"):
+        flags = sys.getdlopenflags()
+        sys.setdlopenflags(flags | os.RTLD_DEEPBIND)
+        try:
+            import triton  # noqa: F401
+        finally:
+            sys.setdlopenflags(flags)
+    from . import triton_decode
+
+    return triton_decode
 
 
 class DecodeState:
@@ -445,7 +464,7 @@ class TorchBackend(ReferenceBackend):
                 "(on the CPU only under Triton's interpreter, TRITON_INTERPRET=1, for testing)"
             )
         try:
-            from . import triton_decode
+            triton_decode = load_triton_decode()
         except ImportError as e:
             if choice == "triton":
                 raise BackendError(f"decode_kernels='triton' needs Triton (`pip install triton`): {e}") from None
