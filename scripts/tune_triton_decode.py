@@ -32,18 +32,16 @@ def main(argv=None) -> int:
     p.add_argument("--block-n", default="16,32")
     p.add_argument("--attn", default="2x64,1x128,4x64", help="blocks per split x keys per block")
     p.add_argument("--warps", default="2,4")
-    p.add_argument("--fuse-out", default="0,1", help="FUSE_ATTN_OUT values")
     p.add_argument("--reps", type=int, default=200)
     a = p.parse_args(argv)
     model = ag.AutoGaze.from_pretrained(a.model, backend="torch", device="cuda", decode_kernels="triton")
     be = model.backend
     g = torch.Generator(device="cuda").manual_seed(0)
     for B in [int(x) for x in a.batch.split(",")]:
-        for bn, attn, nw, fo in itertools.product(a.block_n.split(","), a.attn.split(","), a.warps.split(","),
-                                                  a.fuse_out.split(",")):
+        for bn, attn, nw in itertools.product(a.block_n.split(","), a.attn.split(","), a.warps.split(",")):
             blocks, abn = (int(x) for x in attn.split("x"))
-            cfg = {"BLOCK_N": int(bn), "ATTN_BLOCKS": blocks, "ATTN_BLOCK_N": abn, "NUM_WARPS": int(nw),
-                   "FUSE_ATTN_OUT": fo == "1"}
+            cfg = {"BLOCK_N": int(bn), "FEW_ROWS_BLOCK_N": int(bn), "ATTN_BLOCKS": blocks, "ATTN_BLOCK_N": abn,
+                   "NUM_WARPS": int(nw)}
             fused = type("Tuned", (FusedDecoder,), cfg)(be)
             be.fused = fused
             st = be.acquire_state(B, a.capacity)

@@ -117,23 +117,11 @@ def _state_pair(fused_be, eager_be, B, seed, scenario):
     return a, b
 
 
-@pytest.fixture(scope="module")
-def fused_out():
-    """The fused model with attention, merge and o_proj in one launch (_attention_oproj)."""
-    from autogaze_wgpu.backends.triton_decode import FusedDecoder
-
-    m = _model("triton")
-    m.backend.fused = type("FusedOut", (FusedDecoder,), {"FUSE_ATTN_OUT": True})(m.backend)
-    return m
-
-
 @pytest.mark.parametrize(
-    "scenario", ["plain", "first", "no-requirement", "exhausted", "finished-exhausted", "budget", "done", "plain/out"]
+    "scenario", ["plain", "first", "no-requirement", "exhausted", "finished-exhausted", "budget", "done"]
 )
-def test_fused_step_equals_the_eager_step(fused, fused_out, eager, scenario):
+def test_fused_step_equals_the_eager_step(fused, eager, scenario):
     B = 3
-    if scenario.endswith("/out"):
-        fused, scenario = fused_out, scenario[: -len("/out")]
     a, b = _state_pair(fused.backend, eager.backend, B, seed=zlib.crc32(scenario.encode()) % 1000, scenario=scenario)
     with torch.no_grad():
         a._decode_step()
@@ -188,8 +176,8 @@ def test_triton_loads_after_lavapipe_in_one_process():
     """libtriton's LLVM next to Mesa's (loaded with lavapipe when wgpu enumerates adapters):
     a bare import crashed the interpreter (CI's full suite did); the package's loader must
     not."""
-    code = (
-        "import autogaze_wgpu._native as n; n.wgpu_adapter_info(); "
+    code = (  # (a machine without Vulkan adapters loads no driver: nothing to clash with)
+        "import autogaze_wgpu._native as n\ntry: n.wgpu_adapter_info()\nexcept Exception: pass\n"
         "from autogaze_wgpu.backends.torch_backend import load_triton_decode; load_triton_decode(); print('ok')"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

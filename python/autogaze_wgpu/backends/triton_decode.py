@@ -153,24 +153,54 @@ def _rms_scale(src, rmask, C: tl.constexpr, BLOCK_C: tl.constexpr, eps):
 
 
 @triton.jit
+def _a_chunk(src, rmask, scale, norm_ptr, kk, KD: tl.constexpr, NORM: tl.constexpr):
+    """Columns kk of the rows at ``src`` (row pointers, KD columns), RMSNorm'ed when NORM
+    (x * scale[row] * norm[col])."""
+    km = kk < KD
+    a = tl.load(src[:, None] + kk[None, :], mask=rmask[:, None] & km[None, :], other=0.0)
+    if NORM:
+        a = a * scale[:, None] * tl.load(norm_ptr + kk, mask=km, other=0.0)[None, :]
+    return a
+
+
+@triton.jit
+def _w_chunk(w_ptr, out_rows, out_ok, kk, KD: tl.constexpr):
+    """W[out_rows, kk]^T as a (len(kk), len(out_rows)) tile of the row-major (., KD) W."""
+    return tl.load(w_ptr + out_rows[None, :] * KD + kk[:, None], mask=out_ok[None, :] & (kk[:, None] < KD), other=0.0)
+
+
+@triton.jit
 def _matmul_t(
     src, rmask, scale, norm_ptr, w_ptr, out_rows, out_ok,
     KD: tl.constexpr, NORM: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """(BLOCK_R, BLOCK_N) = a @ W[out_rows]^T with a = the rows at ``src`` (row pointers,
-    KD columns), RMSNorm'ed first when NORM (x * scale[row] * norm[col]); W row-major
-    (., KD). Chunks of BLOCK_K through ``tl.dot`` in IEEE float32 (never TF32)."""
+    """(BLOCK_R, BLOCK_N) = a @ W[out_rows]^T, a = ``_a_chunk``'s rows; chunks of BLOCK_K
+    through ``tl.dot`` in IEEE float32 (never TF32)."""
     acc = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
     for k0 in tl.static_range(0, KD, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
-        km = kk < KD
-        a = tl.load(src[:, None] + kk[None, :], mask=rmask[:, None] & km[None, :], other=0.0)
-        if NORM:
-            a = a * scale[:, None] * tl.load(norm_ptr + kk, mask=km, other=0.0)[None, :]
-        w = tl.load(w_ptr + out_rows[None, :] * KD + kk[:, None], mask=out_ok[None, :] & km[:, None], other=0.0)
-        acc = tl.dot(a, w, acc, input_precision="ieee")
+        a = _a_chunk(src, rmask, scale, norm_ptr, kk, KD, NORM)
+        acc = tl.dot(a, _w_chunk(w_ptr, out_rows, out_ok, kk, KD), acc, input_precision="ieee")
     return acc
+
+
+@triton.jit
+def _matmul_t2(
+    src, rmask, scale, norm_ptr, w_ptr, rows_1, rows_2, out_ok,
+    KD: tl.constexpr, NORM: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """``_matmul_t`` for two sets of W rows sharing each chunk of a (q/k/v halves, gate/up):
+    a is loaded once for both products."""
+    acc_1 = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
+    acc_2 = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
+    for k0 in tl.static_range(0, KD, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        a = _a_chunk(src, rmask, scale, norm_ptr, kk, KD, NORM)
+        acc_1 = tl.dot(a, _w_chunk(w_ptr, rows_1, out_ok, kk, KD), acc_1, input_precision="ieee")
+        acc_2 = tl.dot(a, _w_chunk(w_ptr, rows_2, out_ok, kk, KD), acc_2, input_precision="ieee")
+    return acc_1, acc_2
 
 
 @triton.jit
@@ -209,8 +239,8 @@ def _qkv(
     inv = _rms_scale(src, rmask, C, BLOCK_C, eps)
     base = which * C + head * HD
     ok = n < HALF
-    lo = _matmul_t(src, rmask, inv, norm_ptr, w_ptr, base + n, ok, C, True, BLOCK_R, HALF, BLOCK_K)
-    hi = _matmul_t(src, rmask, inv, norm_ptr, w_ptr, base + HALF + n, ok, C, True, BLOCK_R, HALF, BLOCK_K)
+    lo, hi = _matmul_t2(src, rmask, inv, norm_ptr, w_ptr, base + n, base + HALF + n, ok, C, True,
+                        BLOCK_R, HALF, BLOCK_K)
     if which < 2:  # RoPE, rotate-half convention: (lo, hi) -> (lo c - hi s, hi c + lo s)
         lo, hi = lo * c_lo + (-hi) * s_lo, hi * c_hi + lo * s_hi
     b = rows // K
@@ -315,87 +345,6 @@ def _merge(
 
 
 @triton.jit
-def _attention_oproj(
-    q_ptr, kc_ptr, vc_ptr, key_mask_ptr, km_stride, cache_len_ptr, run_ptr,
-    pm_ptr, pl_ptr, pacc_ptr, count_ptr, wo_ptr, x_ptr, cap, S, scale,
-    C: tl.constexpr, H: tl.constexpr, HD: tl.constexpr, K: tl.constexpr,
-    BLOCKS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    """``_attention``, ``_merge`` and o_proj + residual in one launch: each (row, head,
-    split) program writes its partials, and the last program of a batch row to finish (an
-    atomic count per row) merges every head's splits and adds y @ Wo^T to the row's residual
-    stream, then resets the count."""
-    bh = tl.program_id(0)
-    sp = tl.program_id(1)
-    b = bh // H
-    qs = tl.arange(0, BLOCK_Q)
-    d = tl.arange(0, HD)
-    qm = qs < K
-    q = tl.load(q_ptr + (bh * K + qs)[:, None] * HD + d[None, :], mask=qm[:, None], other=0.0)
-    cache_len = tl.load(cache_len_ptr).to(tl.int32)
-    end = cache_len + K
-    SPLIT: tl.constexpr = BLOCKS * BLOCK_N
-    used = tl.cdiv(end, SPLIT)
-    if (tl.load(run_ptr) != 0) & (sp < used):
-        m_i = tl.full([BLOCK_Q], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_Q], tl.float32)
-        acc = tl.zeros([BLOCK_Q, HD], tl.float32)
-        kv = bh * cap * HD
-        for j in tl.static_range(BLOCKS):
-            kn = (sp * BLOCKS + j) * BLOCK_N + tl.arange(0, BLOCK_N)
-            inn = kn < end
-            keys = tl.load(kc_ptr + kv + kn[:, None] * HD + d[None, :], mask=inn[:, None], other=0.0)
-            vals = tl.load(vc_ptr + kv + kn[:, None] * HD + d[None, :], mask=inn[:, None], other=0.0)
-            key_ok = tl.load(key_mask_ptr + b * km_stride + kn, mask=inn, other=0).to(tl.int32) != 0
-            sc = tl.dot(q, tl.trans(keys), input_precision="ieee") * scale
-            allowed = (kn[None, :] <= cache_len + qs[:, None]) & key_ok[None, :] & inn[None, :]
-            sc = tl.where(allowed, sc, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(sc, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m_i - m_safe)
-            p = tl.exp(sc - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = tl.dot(p, vals, acc * alpha[:, None], input_precision="ieee")
-            m_i = m_new
-        o = (bh * S + sp) * K + qs
-        tl.store(pm_ptr + o, m_i, mask=qm)
-        tl.store(pl_ptr + o, l_i, mask=qm)
-        tl.store(pacc_ptr + o[:, None] * HD + d[None, :], acc, mask=qm[:, None])
-        tl.debug_barrier()  # every thread's partials are written before the count moves
-        if tl.atomic_add(count_ptr + b, 1, sem="acq_rel", scope="gpu") == H * used - 1:
-            cols = tl.arange(0, BLOCK_C)
-            out = tl.zeros([BLOCK_Q, BLOCK_C], tl.float32)
-            for h in tl.static_range(H):
-                m = tl.full([BLOCK_Q], float("-inf"), tl.float32)
-                total = tl.zeros([BLOCK_Q], tl.float32)
-                y = tl.zeros([BLOCK_Q, HD], tl.float32)
-                for s0 in range(0, used, BLOCK_S):
-                    ss = s0 + tl.arange(0, BLOCK_S)
-                    po = ((b * H + h) * S + ss)[:, None] * K + qs[None, :]  # (BLOCK_S, BLOCK_Q)
-                    msk = (ss[:, None] < used) & qm[None, :]
-                    pm = tl.load(pm_ptr + po, mask=msk, other=float("-inf"), cache_modifier=".cg")
-                    pl = tl.load(pl_ptr + po, mask=msk, other=0.0, cache_modifier=".cg")
-                    part = tl.load(pacc_ptr + po[:, :, None] * HD + d[None, None, :], mask=msk[:, :, None],
-                                   other=0.0, cache_modifier=".cg")
-                    m_new = tl.maximum(m, tl.max(pm, 0))
-                    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                    alpha = tl.exp(m - m_safe)
-                    w = tl.exp(pm - m_safe[None, :])
-                    total = total * alpha + tl.sum(w * pl, 0)
-                    y = y * alpha[:, None] + tl.sum(w[:, :, None] * part, 0)
-                    m = m_new
-                y = y / tl.where(qm, total, 1.0)[:, None]
-                # o_proj's columns h*HD .. h*HD+HD-1 as a (HD, BLOCK_C) tile of Wo^T
-                wo = tl.load(wo_ptr + cols[None, :] * C + h * HD + d[:, None], mask=cols[None, :] < C, other=0.0)
-                out = tl.dot(y, wo, out, input_precision="ieee")
-            xo = x_ptr + (b * K + qs)[:, None] * C + cols[None, :]
-            m2 = qm[:, None] & (cols[None, :] < C)
-            tl.store(xo, tl.load(xo, mask=m2, other=0.0, cache_modifier=".cg") + out, mask=m2)
-            tl.store(count_ptr + b, 0)
-
-
-@triton.jit
 def _linear_residual(
     a_ptr, w_ptr, x_ptr, run_ptr, R,
     N: tl.constexpr, KD: tl.constexpr,
@@ -426,8 +375,7 @@ def _gate_up(
     run = _run_flag(run_ptr, rows)[:, None]
     src = x_ptr + rows * C
     inv = _rms_scale(src, rmask, C, BLOCK_C, eps)
-    g = _matmul_t(src, rmask, inv, norm_ptr, w_ptr, cols, cols < I, C, True, BLOCK_R, BLOCK_N, BLOCK_K)
-    u = _matmul_t(src, rmask, inv, norm_ptr, w_ptr, I + cols, cols < I, C, True, BLOCK_R, BLOCK_N, BLOCK_K)
+    g, u = _matmul_t2(src, rmask, inv, norm_ptr, w_ptr, cols, I + cols, cols < I, C, True, BLOCK_R, BLOCK_N, BLOCK_K)
     act = g / (1.0 + tl.exp(-g)) * u
     tl.store(act_ptr + rows[:, None] * I + cols[None, :], act, mask=rmask[:, None] & (cols[None, :] < I) & run)
 
@@ -475,12 +423,12 @@ class FusedDecoder:
     # chunk; a split of the attention is ATTN_BLOCKS blocks of ATTN_BLOCK_N keys; _merge
     # takes MERGE_BLOCK_S splits at a time; warps per GEMM program.
     # (scripts/tune_triton_decode.py times alternatives on a GPU.)
+    # Few rows (one video: 10) take narrower column blocks, for more programs.
     BLOCK_R, BLOCK_N, BLOCK_K, HEADS_BLOCK_N = 16, 32, 64, 64
+    FEW_ROWS, FEW_ROWS_BLOCK_N = 64, 16
     ATTN_BLOCKS, ATTN_BLOCK_N = 2, 64
     MERGE_BLOCK_S = 32
     NUM_WARPS = 4
-    # Attention, merge and o_proj in one launch (_attention_oproj) instead of three.
-    FUSE_ATTN_OUT = False
 
     def __init__(self, backend):
         import torch
@@ -527,7 +475,6 @@ class FusedDecoder:
             "picks": torch.zeros(B, K, device=dev, dtype=torch.int32),
             "left": torch.zeros(B, device=dev, dtype=torch.int32),
             "run": torch.zeros(1, device=dev, dtype=torch.int32),
-            "count": torch.zeros(B, device=dev, dtype=torch.int32),  # _attention_oproj's per row
         }
 
     def step(self, st) -> None:
@@ -536,7 +483,8 @@ class FusedDecoder:
         b = st.fused_buffers
         B, K, V, C, H, HD, I = st.B, self.K, self.V, self.C, self.H, self.HD, self.I
         R, S = B * K, b["S"]
-        BR, BN, BK, nw = self.BLOCK_R, self.BLOCK_N, self.BLOCK_K, self.NUM_WARPS
+        BR, BK, nw = self.BLOCK_R, self.BLOCK_K, self.NUM_WARPS
+        BN = self.FEW_ROWS_BLOCK_N if R <= self.FEW_ROWS else self.BLOCK_N
         BC = _pow2(C)
         _pick[(B,)](
             st.logits, st.chosen, st.done, b["picks"], b["left"],
@@ -556,26 +504,18 @@ class FusedDecoder:
                 st.k_cache[i], st.v_cache[i], st.cache_len, b["run"], R, st.cap, self.eps,
                 GATHER=i == 0, C=C, H=H, HD=HD, K=K, BLOCK_R=BR, BLOCK_C=BC, BLOCK_K=BK, num_warps=nw,
             )
-            if self.FUSE_ATTN_OUT:
-                _attention_oproj[(B * H, S)](
-                    b["q"], st.k_cache[i], st.v_cache[i], st.key_mask, st.key_mask.stride(0), st.cache_len,
-                    b["run"], b["pm"], b["pl"], b["pacc"], b["count"], w_o, b["x"], st.cap, S, self.scale,
-                    C=C, H=H, HD=HD, K=K, BLOCKS=self.ATTN_BLOCKS, BLOCK_N=self.ATTN_BLOCK_N,
-                    BLOCK_Q=_pow2(max(K, 16)), BLOCK_S=self.MERGE_BLOCK_S, BLOCK_C=BC,
-                )
-            else:
-                _attention[(B * H, S)](
-                    b["q"], st.k_cache[i], st.v_cache[i], st.key_mask, st.key_mask.stride(0), st.cache_len,
-                    b["run"], b["pm"], b["pl"], b["pacc"], st.cap, S, self.scale,
-                    H=H, HD=HD, K=K, BLOCKS=self.ATTN_BLOCKS, BLOCK_N=self.ATTN_BLOCK_N, BLOCK_Q=_pow2(max(K, 16)),
-                )
-                _merge[(B * H,)](
-                    b["pm"], b["pl"], b["pacc"], b["y"], st.cache_len, b["run"], S,
-                    H=H, HD=HD, K=K, SPLIT=split, BLOCK_S=self.MERGE_BLOCK_S, BLOCK_Q=_pow2(K), num_warps=8,
-                )
-                _linear_residual[(rows, triton.cdiv(C, BN))](
-                    b["y"], w_o, b["x"], b["run"], R, N=C, KD=C, BLOCK_R=BR, BLOCK_N=BN, BLOCK_K=BK, num_warps=nw,
-                )
+            _attention[(B * H, S)](
+                b["q"], st.k_cache[i], st.v_cache[i], st.key_mask, st.key_mask.stride(0), st.cache_len,
+                b["run"], b["pm"], b["pl"], b["pacc"], st.cap, S, self.scale,
+                H=H, HD=HD, K=K, BLOCKS=self.ATTN_BLOCKS, BLOCK_N=self.ATTN_BLOCK_N, BLOCK_Q=_pow2(max(K, 16)),
+            )
+            _merge[(B * H,)](
+                b["pm"], b["pl"], b["pacc"], b["y"], st.cache_len, b["run"], S,
+                H=H, HD=HD, K=K, SPLIT=split, BLOCK_S=self.MERGE_BLOCK_S, BLOCK_Q=_pow2(K), num_warps=8,
+            )
+            _linear_residual[(rows, triton.cdiv(C, BN))](
+                b["y"], w_o, b["x"], b["run"], R, N=C, KD=C, BLOCK_R=BR, BLOCK_N=BN, BLOCK_K=BK, num_warps=nw,
+            )
             _gate_up[(rows, triton.cdiv(I, BN))](
                 b["x"], n_post, w_gu, b["act"], b["run"], R, self.eps,
                 C=C, I=I, BLOCK_R=BR, BLOCK_C=BC, BLOCK_N=BN, BLOCK_K=BK, num_warps=nw,
