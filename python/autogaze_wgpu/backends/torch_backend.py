@@ -4,9 +4,13 @@ Same layers and weights as the reference (``reference/modeling.py``); what diffe
 per-frame loop runs:
 
 * a preallocated (static) KV cache and key mask sized for the whole clip, written at offsets;
+* the frame's prefill runs on static buffers (the pending step padded to K masked slots) and
+  is captured in a CUDA graph per key bucket;
 * the decode step is shape-static and written with GPU-side state only (selection, no-repeat
   mask, finished rows, budget, stop flag, cache length), so it never synchronises with the
-  host and is captured in a CUDA graph (``steps_per_sync`` steps per graph launch);
+  host and is captured in a CUDA graph (``steps_per_sync`` steps per graph launch); on CUDA
+  in float32 it is the fused Triton kernels of ``triton_decode.py``, else the eager torch
+  step below (``decode_kernels``);
 * steps after a frame is done are no-ops on the state (their writes land past the valid
   length), so the host checks the done flag once per graph launch instead of every step;
 * the host reads one small status tensor (done flag, frame length, cache length) per graph
