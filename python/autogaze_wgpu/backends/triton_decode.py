@@ -15,9 +15,9 @@ is:
 * ``_heads``: final RMSNorm of each row's last token, lm_head and the task-loss head, and
   the cache length advanced when the step ran.
 
-Every kernel reads the step's ``run`` flag (written by ``_select``) and does nothing when the
-frame is done, so the no-op steps at the end of a CUDA-graph launch cost a launch each and no
-memory traffic. Lengths (cache length, frame length) are device scalars read by the kernels,
+Every kernel reads the step's ``run`` flag (written by ``_select``) and writes nothing when the
+frame is done, so the no-op steps at the end of a CUDA-graph launch cost a launch each and
+change no state. Lengths (cache length, frame length) are device scalars read by the kernels,
 so one graph serves every cache length (no key-length buckets).
 
 Arithmetic: float32 everywhere; products through ``tl.dot(..., input_precision="ieee")``
@@ -442,16 +442,17 @@ class FusedDecoder:
         self.scale = float(dec.model.layers[0].self_attn.scaling)
         c = lambda t: t.detach().float().contiguous()
         self.embed = c(dec.model.embed_tokens.weight)
+        # [Wq; Wk; Wv] and [Wg; Wu]: the backend's own concatenations (the same tensors in
+        # float32, where .float() copies nothing)
         self.layers = []
-        for layer in dec.model.layers:
-            a, m = layer.self_attn, layer.mlp
+        for layer, (w_qkv, w_gu) in zip(dec.model.layers, backend.fused_weights, strict=True):
             self.layers.append((
                 c(layer.input_layernorm.weight),
-                c(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])),
-                c(a.o_proj.weight),
+                c(w_qkv),
+                c(layer.self_attn.o_proj.weight),
                 c(layer.post_attention_layernorm.weight),
-                c(torch.cat([m.gate_proj.weight, m.up_proj.weight])),
-                c(m.down_proj.weight),
+                c(w_gu),
+                c(layer.mlp.down_proj.weight),
             ))
         self.final_norm = c(dec.model.norm.weight)
         self.w_heads = c(torch.cat([dec.lm_head.weight, dec.task_loss_prediction_head.weight]))
