@@ -41,8 +41,8 @@ case "${1:-all}" in
 esac
 case "${1:-all}" in
   profile-torch)  # kernel time and launch counts of the torch backend (docs/benchmarks.md)
-    for wl in clip tiles45; do
-      timeout 200 python3 scripts/profile_torch.py --model "$AUTOGAZE_FIXTURES/model" --workload $wl --sweep-steps 4,8,16 \
+    for wl in ${PROFILE_WORKLOADS:-clip tiles45}; do
+      timeout 200 python3 scripts/profile_torch.py --model "$AUTOGAZE_FIXTURES/model" --workload $wl --sweep-steps "${SWEEP-4,8,16}" \
         --json "$OUT/profile_torch_$wl.json" 2>&1 | tee "$OUT/profile_torch_$wl.log"
     done ;;
 esac

@@ -21,6 +21,41 @@ from collections import defaultdict
 from pathlib import Path
 
 
+def phase_times(model, video, kw) -> dict[str, float]:
+    """One call's time split into the vision embedding, the frames' prefill graph launches and
+    their decode-step graph launches (CUDA events around each), the rest being host time the
+    GPU waits (syncs, Python, small copies): wall-clock minus the three."""
+    import torch
+
+    from autogaze_wgpu.backends.torch_backend import DecodeState
+
+    spans: dict[str, list] = defaultdict(list)
+    run, embed = DecodeState._run, type(model.backend).embed
+
+    def timed(what, fn):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        r = fn()
+        e1.record()
+        spans[what].append((e0, e1))
+        return r
+
+    DecodeState._run = lambda st, key: timed(key[0], lambda: run(st, key))
+    type(model.backend).embed = lambda be, v: timed("embed", lambda: embed(be, v))
+    try:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        model.generate(video, **kw)
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) * 1e3
+    finally:
+        DecodeState._run, type(model.backend).embed = run, embed
+    out = {k: sum(a.elapsed_time(b) for a, b in v) for k, v in spans.items()}
+    out = {"wall": wall, **out, "launches": {k: len(v) for k, v in spans.items()}}
+    out["host_gaps"] = wall - sum(v for k, v in out.items() if k not in ("wall", "launches"))
+    return out
+
+
 def main(argv=None) -> int:
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -57,6 +92,10 @@ def main(argv=None) -> int:
     print(f"profiling at the default steps_per_sync={default_sps}")
     out = model.generate(video, **kw)  # warm-up: graph capture, allocations
     torch.cuda.synchronize()
+    phases = phase_times(model, video, kw)
+    print("phases (ms; GPU time between CUDA events, host_gaps = wall - the rest): "
+          + ", ".join(f"{k} {v:.2f}" for k, v in phases.items() if k != "launches")
+          + f"; graph launches {phases['launches']}")
     acts = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
     with profile(activities=acts) as prof:
         out = model.generate(video, **kw)
@@ -80,7 +119,7 @@ def main(argv=None) -> int:
         print(f"{name[:90]:90s} {n:7d} {us / 1e3:9.3f} {us / n:9.2f} {100 * us / total_us:5.1f}%")
     if a.json:
         a.json.write_text(json.dumps({"workload": a.workload, "kernel_us": total_us, "launches": count,
-                                      "steps": steps, "kernels": rows}, indent=2))
+                                      "steps": steps, "phases_ms": phases, "kernels": rows}, indent=2))
     return 0
 
 

@@ -112,6 +112,7 @@ class DecodeState:
         self.vision_buf = torch.zeros(batch, P, C, device=dev, dtype=f32)
         self.vision_ok = torch.ones(batch, P, device=dev, dtype=torch.bool)
         self.prefill_idx = torch.arange(self.K + P, device=dev)
+        self.prefill_len = self.K + P
         self.graphs: dict[tuple[str, int], "torch.cuda.CUDAGraph"] = {}  # by (what, key length)
         # What the host reads after each graph launch, in one copy: done, n_frame, cache_len.
         self.status = torch.zeros(3, device=dev, dtype=i64)
@@ -211,7 +212,8 @@ class DecodeState:
         self.has_requirement.fill_(requirement is not None)
         self.requirement.fill_(0.0 if requirement is None else requirement)
         L = K + vision_embeds.shape[1]
-        self._run(("prefill", self._bucket(self.length + L)))
+        # (the Triton kernels bound the keys themselves: one graph for every cache length)
+        self._run(("prefill", self.cap if self.fused is not None else self._bucket(self.length + L)))
         self.length += L
 
         # 2. Decode steps: device-side state only.
@@ -251,26 +253,31 @@ class DecodeState:
         decode state."""
         dec = self.backend.model.gaze_decoder
         K = self.K
-        x = torch.cat([dec.model.embed_tokens(self.pending_buf), self.vision_buf], dim=1)
         ok = torch.cat([self.pending_buf != self.pad, self.vision_ok], dim=1)
         slots = self.cache_len + self.prefill_idx
         self.key_mask.index_copy_(1, slots, ok)
         positions = (self.key_mask.long().cumsum(-1).index_select(1, slots) - 1).masked_fill_(~ok, 1)
-        bias = self._bias(slots, self.key_mask[:, :kv_len])
-        logits, task_loss = self._layers(x, positions, self.cache_len, bias, kv_len)
-        self.logits.copy_(logits)
-        self.task_loss.copy_(task_loss)
         self.decode_pos.copy_(positions[:, -K:])  # quirk: reused by every decode step
-        if self.fused is not None:
-            cos, sin = rope_cos_sin(dec.model.inv_freq, self.decode_pos)
-            self.rope_cos.copy_(cos)
-            self.rope_sin.copy_(sin)
+        if self.fused is not None:  # the Triton kernels (they advance the cache length)
+            cos, sin = rope_cos_sin(dec.model.inv_freq, positions)
+            fb = self.fused_buffers
+            fb["pf_cos"].copy_(cos.flatten(0, 1))
+            fb["pf_sin"].copy_(sin.flatten(0, 1))
+            self.rope_cos.copy_(cos[:, -K:])
+            self.rope_sin.copy_(sin[:, -K:])
+            self.fused.prefill(self)
+        else:
+            x = torch.cat([dec.model.embed_tokens(self.pending_buf), self.vision_buf], dim=1)
+            bias = self._bias(slots, self.key_mask[:, :kv_len])
+            logits, task_loss = self._layers(x, positions, self.cache_len, bias, kv_len)
+            self.logits.copy_(logits)
+            self.task_loss.copy_(task_loss)
+            self.cache_len += slots.shape[0]
         self.chosen.zero_()
         self.finished.zero_()
         self.n_frame.zero_()
         self.done.zero_()
         self.first.fill_(True)
-        self.cache_len += slots.shape[0]
 
     def _run(self, key: tuple[str, int]) -> None:
         """Runs ``("prefill", kv_len)`` or ``("steps", kv_len)``: its CUDA graph (captured on

@@ -205,15 +205,18 @@ def _matmul_t2(
 
 @triton.jit
 def _qkv(
-    x_ptr, ids_ptr, embed_ptr, norm_ptr, w_ptr, cos_ptr, sin_ptr, q_ptr, kc_ptr, vc_ptr,
+    x_ptr, ids_ptr, embed_ptr, vis_ptr, norm_ptr, w_ptr, cos_ptr, sin_ptr, q_ptr, kc_ptr, vc_ptr,
     cache_len_ptr, run_ptr, R, cap, eps,
-    GATHER: tl.constexpr, C: tl.constexpr, H: tl.constexpr, HD: tl.constexpr, K: tl.constexpr,
+    GATHER: tl.constexpr, T: tl.constexpr, NG: tl.constexpr,
+    C: tl.constexpr, H: tl.constexpr, HD: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """RMSNorm(x) @ [Wq; Wk; Wv]^T for one head of q, k or v (program axis 1), RoPE on q and
-    k, q to ``q_ptr`` (B, H, K, HD) and k/v into the cache at slots cache_len + [0, K).
-    Layer 0 (GATHER) reads the step's tokens through embed_tokens and starts the residual
-    stream x with them."""
+    k, q to ``q_ptr`` (B, H, T, HD) and k/v into the cache at slots cache_len + [0, T), for
+    the T tokens of each batch row (R = B * T rows; cos/sin are (R, HD) at their positions).
+    Layer 0 (GATHER) starts the residual stream x: a row's first NG tokens through
+    embed_tokens (ids (B, NG)), the rest from the vision tokens (B, T - NG, C): a decode step
+    has T = NG = K, the prefill the K pending slots then the vision tokens."""
     HALF: tl.constexpr = HD // 2
     which = tl.program_id(1) // H  # 0 q, 1 k, 2 v
     head = tl.program_id(1) % H
@@ -226,16 +229,23 @@ def _qkv(
     s_lo = tl.load(sin_ptr + cs, mask=rmask[:, None], other=0.0)
     c_hi = tl.load(cos_ptr + cs + HALF, mask=rmask[:, None], other=0.0)
     s_hi = tl.load(sin_ptr + cs + HALF, mask=rmask[:, None], other=0.0)
-    slot = tl.load(cache_len_ptr).to(tl.int32) + rows % K
+    b = rows // T
+    t = rows % T
+    slot = tl.load(cache_len_ptr).to(tl.int32) + t
     if GATHER:
-        src = embed_ptr + tl.load(ids_ptr + rows, mask=rmask, other=0).to(tl.int64) * C
+        gathered = t < NG
+        ids = tl.load(ids_ptr + b * NG + t, mask=rmask & gathered, other=0).to(tl.int64)
+        src = embed_ptr + ids * C
+        if T > NG:
+            vis = vis_ptr + (b * (T - NG) + tl.maximum(t - NG, 0)).to(tl.int64) * C
+            src = tl.where(gathered, src, vis)
         if tl.program_id(1) == 0:
             cols = tl.arange(0, BLOCK_C)
             m2 = rmask[:, None] & (cols[None, :] < C)
             emb = tl.load(src[:, None] + cols[None, :], mask=m2, other=0.0)
             tl.store(x_ptr + rows[:, None] * C + cols[None, :], emb, mask=m2 & run)
     else:
-        src = x_ptr + rows * C
+        src = x_ptr + rows.to(tl.int64) * C
     inv = _rms_scale(src, rmask, C, BLOCK_C, eps)
     base = which * C + head * HD
     ok = n < HALF
@@ -243,10 +253,9 @@ def _qkv(
                         BLOCK_R, HALF, BLOCK_K)
     if which < 2:  # RoPE, rotate-half convention: (lo, hi) -> (lo c - hi s, hi c + lo s)
         lo, hi = lo * c_lo + (-hi) * s_lo, hi * c_hi + lo * s_hi
-    b = rows // K
     ms = rmask[:, None] & run
     if which == 0:
-        q_at = (((b * H + head) * K + rows % K) * HD)[:, None] + n[None, :]
+        q_at = (((b * H + head) * T + t).to(tl.int64) * HD)[:, None] + n[None, :]
         tl.store(q_ptr + q_at, lo, mask=ms)
         tl.store(q_ptr + q_at + HALF, hi, mask=ms)
     else:
@@ -257,6 +266,30 @@ def _qkv(
         else:
             tl.store(vc_ptr + kv_at, lo, mask=ms)
             tl.store(vc_ptr + kv_at + HALF, hi, mask=ms)
+
+
+@triton.jit
+def _attend_block(
+    q, qs, kn, kv_base, kc_ptr, vc_ptr, km_base, cache_len, end, scale, m_i, l_i, acc,
+    HD: tl.constexpr,
+):
+    """Online-softmax update of the queries q (tokens qs, at slots cache_len + qs) with the
+    keys at slots kn: causal (slot <= the query's), the key mask, slots < end."""
+    d = tl.arange(0, HD)
+    inn = kn < end
+    keys = tl.load(kc_ptr + kv_base + kn[:, None] * HD + d[None, :], mask=inn[:, None], other=0.0)
+    vals = tl.load(vc_ptr + kv_base + kn[:, None] * HD + d[None, :], mask=inn[:, None], other=0.0)
+    key_ok = tl.load(km_base + kn, mask=inn, other=0).to(tl.int32) != 0
+    s = tl.dot(q, tl.trans(keys), input_precision="ieee") * scale
+    allowed = (kn[None, :] <= cache_len + qs[:, None]) & key_ok[None, :] & inn[None, :]
+    s = tl.where(allowed, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m_i - m_safe)
+    p = tl.exp(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p, vals, acc * alpha[:, None], input_precision="ieee")
+    return m_new, l_i, acc
 
 
 @triton.jit
@@ -284,27 +317,44 @@ def _attention(
         m_i = tl.full([BLOCK_Q], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_Q], tl.float32)
         acc = tl.zeros([BLOCK_Q, HD], tl.float32)
-        kv = bh * cap * HD
+        kv = (bh * cap * HD).to(tl.int64)
         for j in tl.static_range(BLOCKS):
             kn = (sp * BLOCKS + j) * BLOCK_N + tl.arange(0, BLOCK_N)
-            inn = kn < end
-            keys = tl.load(kc_ptr + kv + kn[:, None] * HD + d[None, :], mask=inn[:, None], other=0.0)
-            vals = tl.load(vc_ptr + kv + kn[:, None] * HD + d[None, :], mask=inn[:, None], other=0.0)
-            key_ok = tl.load(key_mask_ptr + b * km_stride + kn, mask=inn, other=0).to(tl.int32) != 0
-            s = tl.dot(q, tl.trans(keys), input_precision="ieee") * scale
-            allowed = (kn[None, :] <= cache_len + qs[:, None]) & key_ok[None, :] & inn[None, :]
-            s = tl.where(allowed, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m_i - m_safe)
-            p = tl.exp(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = tl.dot(p, vals, acc * alpha[:, None], input_precision="ieee")
-            m_i = m_new
+            m_i, l_i, acc = _attend_block(q, qs, kn, kv, kc_ptr, vc_ptr, key_mask_ptr + b * km_stride,
+                                          cache_len, end, scale, m_i, l_i, acc, HD)
         o = (bh * S + sp) * K + qs
         tl.store(pm_ptr + o, m_i, mask=qm)
         tl.store(pl_ptr + o, l_i, mask=qm)
         tl.store(pacc_ptr + o[:, None] * HD + d[None, :], acc, mask=qm[:, None])
+
+
+@triton.jit
+def _attention_rows(
+    q_ptr, kc_ptr, vc_ptr, key_mask_ptr, km_stride, cache_len_ptr, y_ptr, cap, scale,
+    T: tl.constexpr, H: tl.constexpr, HD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The prefill's attention: BLOCK_Q of a row's T tokens (program axis 1) for one (row,
+    head) against every cache slot they may see, softmax over all of them; y is (B, T, H*HD).
+    A token that sees no key at all (a pad slot of the first frame, never attended and never
+    read out) gets 0 rather than 0/0."""
+    bh = tl.program_id(0)
+    b = bh // H
+    head = bh % H
+    qs = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    d = tl.arange(0, HD)
+    qm = qs < T
+    q = tl.load(q_ptr + ((bh * T + qs).to(tl.int64) * HD)[:, None] + d[None, :], mask=qm[:, None], other=0.0)
+    cache_len = tl.load(cache_len_ptr).to(tl.int32)
+    end = cache_len + tl.minimum(T, (tl.program_id(1) + 1) * BLOCK_Q)  # past the block's last query
+    m_i = tl.full([BLOCK_Q], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_Q], tl.float32)
+    acc = tl.zeros([BLOCK_Q, HD], tl.float32)
+    kv = (bh * cap * HD).to(tl.int64)
+    for k0 in range(0, end, BLOCK_N):
+        m_i, l_i, acc = _attend_block(q, qs, k0 + tl.arange(0, BLOCK_N), kv, kc_ptr, vc_ptr,
+                                      key_mask_ptr + b * km_stride, cache_len, end, scale, m_i, l_i, acc, HD)
+    y = tl.where((l_i > 0)[:, None], acc / tl.where(l_i > 0, l_i, 1.0)[:, None], 0.0)
+    tl.store(y_ptr + ((b * T + qs).to(tl.int64) * (H * HD))[:, None] + head * HD + d[None, :], y, mask=qm[:, None])
 
 
 @triton.jit
@@ -384,25 +434,25 @@ def _gate_up(
 @triton.jit
 def _heads(
     x_ptr, norm_ptr, w_ptr, logits_ptr, task_loss_ptr, cache_len_ptr, run_ptr, B, eps,
-    C: tl.constexpr, K: tl.constexpr, NL: tl.constexpr,
+    C: tl.constexpr, K: tl.constexpr, T: tl.constexpr, NL: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Final RMSNorm of each row's last step token, then [lm_head; task-loss head] (NL + K
+    """Final RMSNorm of each row's last token (of T), then [lm_head; task-loss head] (NL + K
     outputs): logits (B, NL) and task losses (B, K). Program (0, 0) then advances the cache
-    length past the step's K tokens."""
+    length past the T tokens."""
     bs = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     bmask = bs < B
     cache_len = tl.load(cache_len_ptr)
     run = _run_flag(run_ptr, bs)[:, None]
-    src = x_ptr + (bs * K + (K - 1)) * C
+    src = x_ptr + (bs * T + (T - 1)).to(tl.int64) * C
     inv = _rms_scale(src, bmask, C, BLOCK_C, eps)
     out = _matmul_t(src, bmask, inv, norm_ptr, w_ptr, cols, cols < NL + K, C, True, BLOCK_R, BLOCK_N, BLOCK_K)
     tl.store(logits_ptr + bs[:, None] * NL + cols[None, :], out, mask=bmask[:, None] & (cols[None, :] < NL) & run)
     tm = bmask[:, None] & (cols[None, :] >= NL) & (cols[None, :] < NL + K) & run
     tl.store(task_loss_ptr + bs[:, None] * K + (cols[None, :] - NL), out, mask=tm)
     if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
-        tl.store(cache_len_ptr, tl.where(tl.load(run_ptr) != 0, cache_len + K, cache_len))
+        tl.store(cache_len_ptr, tl.where(tl.load(run_ptr) != 0, cache_len + T, cache_len))
 
 
 def supported(cfg) -> bool:
@@ -430,6 +480,8 @@ class FusedDecoder:
     ATTN_BLOCKS, ATTN_BLOCK_N = 2, 64
     MERGE_BLOCK_S = 32
     NUM_WARPS = 4
+    # The prefill (~200 tokens a row): rows per GEMM tile, queries per attention program.
+    PREFILL_BLOCK_R, PREFILL_BLOCK_Q = 32, 32
 
     def __init__(self, backend):
         import torch
@@ -458,36 +510,30 @@ class FusedDecoder:
         self.w_heads = c(torch.cat([dec.lm_head.weight, dec.task_loss_prediction_head.weight]))
 
     def buffers(self, st) -> dict:
-        """The step's scratch buffers for a state of (batch, capacity)."""
+        """The step's and the prefill's scratch buffers for a state of (batch, capacity);
+        the prefill's RoPE tables (``pf_cos``/``pf_sin``) are filled by the caller."""
         import torch
 
         B, K, C, H, HD = st.B, self.K, self.C, self.H, self.HD
+        T = st.prefill_len
         dev, f32 = st.k_cache.device, torch.float32
         S = triton.cdiv(st.cap, self.ATTN_BLOCKS * self.ATTN_BLOCK_N)
+        z = lambda *shape, dtype=f32: torch.zeros(*shape, device=dev, dtype=dtype)
         return {
             "S": S,
-            "x": torch.zeros(B * K, C, device=dev, dtype=f32),
-            "q": torch.zeros(B, H, K, HD, device=dev, dtype=f32),
-            "y": torch.zeros(B * K, C, device=dev, dtype=f32),
-            "act": torch.zeros(B * K, self.I, device=dev, dtype=f32),
-            "pm": torch.zeros(B * H * S * K, device=dev, dtype=f32),
-            "pl": torch.zeros(B * H * S * K, device=dev, dtype=f32),
-            "pacc": torch.zeros(B * H * S * K, HD, device=dev, dtype=f32),
-            "ids": torch.zeros(B, K, device=dev, dtype=torch.int32),
-            "picks": torch.zeros(B, K, device=dev, dtype=torch.int32),
-            "left": torch.zeros(B, device=dev, dtype=torch.int32),
-            "run": torch.zeros(1, device=dev, dtype=torch.int32),
+            "x": z(B * K, C), "q": z(B, H, K, HD), "y": z(B * K, C), "act": z(B * K, self.I),
+            "pm": z(B * H * S * K), "pl": z(B * H * S * K), "pacc": z(B * H * S * K, HD),
+            "ids": z(B, K, dtype=torch.int32), "picks": z(B, K, dtype=torch.int32),
+            "left": z(B, dtype=torch.int32), "run": z(1, dtype=torch.int32),
+            "pf_x": z(B * T, C), "pf_q": z(B, H, T, HD), "pf_y": z(B * T, C), "pf_act": z(B * T, self.I),
+            "pf_cos": z(B * T, HD), "pf_sin": z(B * T, HD), "pf_run": torch.ones(1, device=dev, dtype=torch.int32),
         }
 
     def step(self, st) -> None:
         """One decode step on ``st`` (a DecodeState with ``fused_buffers`` and the frame's
         ``rope_cos`` / ``rope_sin``): choose, then run the chosen tokens."""
         b = st.fused_buffers
-        B, K, V, C, H, HD, I = st.B, self.K, self.V, self.C, self.H, self.HD, self.I
-        R, S = B * K, b["S"]
-        BR, BK, nw = self.BLOCK_R, self.BLOCK_K, self.NUM_WARPS
-        BN = self.FEW_ROWS_BLOCK_N if R <= self.FEW_ROWS else self.BLOCK_N
-        BC = _pow2(C)
+        B, K, V = st.B, self.K, self.V
         _pick[(B,)](
             st.logits, st.chosen, st.done, b["picks"], b["left"],
             K=K, V=V, PAD=self.pad, BLOCK_V=_pow2(V), BLOCK_K=_pow2(K),
@@ -498,35 +544,65 @@ class FusedDecoder:
             st.key_mask, st.key_mask.stride(0), b["ids"], b["run"], B,
             K=K, V=V, PAD=self.pad, BLOCK_B=_pow2(B), BLOCK_K=_pow2(K),
         )
+        bn = self.FEW_ROWS_BLOCK_N if B * K <= self.FEW_ROWS else self.BLOCK_N
+        self._forward(st, K, b["ids"], b["ids"], st.rope_cos, st.rope_sin, b["run"],
+                      b["x"], b["q"], b["y"], b["act"], self.BLOCK_R, bn)
+
+    def prefill(self, st) -> None:
+        """The frame's prefill on ``st``: its ``prefill_len`` tokens per row (the K pending
+        slots ``pending_buf``, then ``vision_buf``) at the positions of ``pf_cos``/``pf_sin``,
+        with their key mask already in ``st.key_mask``; K/V into the cache, the heads of the
+        last token into ``st.logits``/``st.task_loss``, the cache length advanced."""
+        b = st.fused_buffers
+        self._forward(st, st.prefill_len, st.pending_buf, st.vision_buf, b["pf_cos"], b["pf_sin"], b["pf_run"],
+                      b["pf_x"], b["pf_q"], b["pf_y"], b["pf_act"], self.PREFILL_BLOCK_R, self.BLOCK_N)
+
+    def _forward(self, st, T, ids, vision, cos, sin, run, x, q, y, act, BR, BN) -> None:
+        """The decoder over T tokens per row (a step: T = K, split-K attention over the cache
+        then ``_merge``; the prefill: one program per block of queries), then the heads."""
+        b = st.fused_buffers
+        B, K, V, C, H, HD, I = st.B, self.K, self.V, self.C, self.H, self.HD, self.I
+        R, S = B * T, b["S"]
+        BK, nw = self.BLOCK_K, self.NUM_WARPS
+        BC = _pow2(C)
         rows = triton.cdiv(R, BR)
         split = self.ATTN_BLOCKS * self.ATTN_BLOCK_N
+        step = T == K
         for i, (n_in, w_qkv, w_o, n_post, w_gu, w_down) in enumerate(self.layers):
             _qkv[(rows, 3 * H)](
-                b["x"], b["ids"], self.embed, n_in, w_qkv, st.rope_cos, st.rope_sin, b["q"],
-                st.k_cache[i], st.v_cache[i], st.cache_len, b["run"], R, st.cap, self.eps,
-                GATHER=i == 0, C=C, H=H, HD=HD, K=K, BLOCK_R=BR, BLOCK_C=BC, BLOCK_K=BK, num_warps=nw,
+                x, ids, self.embed, vision, n_in, w_qkv, cos, sin, q,
+                st.k_cache[i], st.v_cache[i], st.cache_len, run, R, st.cap, self.eps,
+                GATHER=i == 0, T=T, NG=K, C=C, H=H, HD=HD, BLOCK_R=BR, BLOCK_C=BC, BLOCK_K=BK, num_warps=nw,
             )
-            _attention[(B * H, S)](
-                b["q"], st.k_cache[i], st.v_cache[i], st.key_mask, st.key_mask.stride(0), st.cache_len,
-                b["run"], b["pm"], b["pl"], b["pacc"], st.cap, S, self.scale,
-                H=H, HD=HD, K=K, BLOCKS=self.ATTN_BLOCKS, BLOCK_N=self.ATTN_BLOCK_N, BLOCK_Q=_pow2(max(K, 16)),
-            )
-            _merge[(B * H,)](
-                b["pm"], b["pl"], b["pacc"], b["y"], st.cache_len, b["run"], S,
-                H=H, HD=HD, K=K, SPLIT=split, BLOCK_S=self.MERGE_BLOCK_S, BLOCK_Q=_pow2(K), num_warps=8,
-            )
+            if step:
+                _attention[(B * H, S)](
+                    q, st.k_cache[i], st.v_cache[i], st.key_mask, st.key_mask.stride(0), st.cache_len,
+                    run, b["pm"], b["pl"], b["pacc"], st.cap, S, self.scale,
+                    H=H, HD=HD, K=K, BLOCKS=self.ATTN_BLOCKS, BLOCK_N=self.ATTN_BLOCK_N, BLOCK_Q=_pow2(max(K, 16)),
+                )
+                _merge[(B * H,)](
+                    b["pm"], b["pl"], b["pacc"], y, st.cache_len, run, S,
+                    H=H, HD=HD, K=K, SPLIT=split, BLOCK_S=self.MERGE_BLOCK_S, BLOCK_Q=_pow2(K), num_warps=8,
+                )
+            else:
+                _attention_rows[(B * H, triton.cdiv(T, self.PREFILL_BLOCK_Q))](
+                    q, st.k_cache[i], st.v_cache[i], st.key_mask, st.key_mask.stride(0), st.cache_len, y,
+                    st.cap, self.scale, T=T, H=H, HD=HD, BLOCK_Q=self.PREFILL_BLOCK_Q, BLOCK_N=self.ATTN_BLOCK_N,
+                    num_warps=nw,
+                )
             _linear_residual[(rows, triton.cdiv(C, BN))](
-                b["y"], w_o, b["x"], b["run"], R, N=C, KD=C, BLOCK_R=BR, BLOCK_N=BN, BLOCK_K=BK, num_warps=nw,
+                y, w_o, x, run, R, N=C, KD=C, BLOCK_R=BR, BLOCK_N=BN, BLOCK_K=BK, num_warps=nw,
             )
             _gate_up[(rows, triton.cdiv(I, BN))](
-                b["x"], n_post, w_gu, b["act"], b["run"], R, self.eps,
+                x, n_post, w_gu, act, run, R, self.eps,
                 C=C, I=I, BLOCK_R=BR, BLOCK_C=BC, BLOCK_N=BN, BLOCK_K=BK, num_warps=nw,
             )
             _linear_residual[(rows, triton.cdiv(C, BN))](
-                b["act"], w_down, b["x"], b["run"], R, N=C, KD=I, BLOCK_R=BR, BLOCK_N=BN, BLOCK_K=BK, num_warps=nw,
+                act, w_down, x, run, R, N=C, KD=I, BLOCK_R=BR, BLOCK_N=BN, BLOCK_K=BK, num_warps=nw,
             )
         NL = K * V
-        _heads[(triton.cdiv(B, BR), triton.cdiv(NL + K, self.HEADS_BLOCK_N))](
-            b["x"], self.final_norm, self.w_heads, st.logits, st.task_loss, st.cache_len, b["run"], B, self.eps,
-            C=C, K=K, NL=NL, BLOCK_R=BR, BLOCK_C=BC, BLOCK_N=self.HEADS_BLOCK_N, BLOCK_K=BK, num_warps=nw,
+        _heads[(triton.cdiv(B, self.BLOCK_R), triton.cdiv(NL + K, self.HEADS_BLOCK_N))](
+            x, self.final_norm, self.w_heads, st.logits, st.task_loss, st.cache_len, run, B, self.eps,
+            C=C, K=K, T=T, NL=NL, BLOCK_R=self.BLOCK_R, BLOCK_C=BC, BLOCK_N=self.HEADS_BLOCK_N, BLOCK_K=BK,
+            num_warps=nw,
         )
