@@ -10,6 +10,8 @@ python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl || 
 # Python-only change needs no new wheel).
 cp /tmp/site/autogaze_wgpu/_native*.so python/autogaze_wgpu/ || exit 1
 export PYTHONPATH=$PWD/python:/tmp/site AUTOGAZE_FIXTURES=$PWD/.fixtures PYTHONUNBUFFERED=1
+# Triton's compiled kernels stay in the (git-ignored) checkout: a warm machine reuses them.
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/.triton_cache}
 python3 -c "import autogaze_wgpu._native as n; n.wgpu_adapter_info()" 2>/dev/null ||
   export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -26,6 +28,11 @@ case "${1:-all}" in
     timeout "${BENCH_TIMEOUT:-280}" python3 -m autogaze_wgpu.bench --model "$AUTOGAZE_FIXTURES/model" --repeat "${REPEAT:-5}" \
       --backends "${BACKENDS:-reference,torch,torch-eager,wgpu}" --workloads "${WORKLOADS:-clip,no-stop,tiles45,stream,score,video1080}" \
       --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" ;;
+esac
+case "${1:-all}" in
+  tune)  # launch configurations of the fused decoder kernel (scripts/tune_triton_decode.py)
+    timeout "${TUNE_TIMEOUT:-250}" python3 scripts/tune_triton_decode.py --model "$AUTOGAZE_FIXTURES/model" \
+      --programs "${PROGRAMS:-0}" --per-sm "${PER_SM:-1}" --block-n "${BLOCK_N:-16,32}" --batch "${BATCH:-1,45}" 2>&1 | tee "$OUT/tune.log" ;;
 esac
 case "${1:-all}" in
   agreement)  # the torch backend's fast modes against its float32 mode (docs/benchmarks.md)

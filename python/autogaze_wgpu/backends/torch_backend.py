@@ -115,9 +115,14 @@ class DecodeState:
         self.prefill_len = self.K + P
         self.graphs: dict[tuple[str, int], "torch.cuda.CUDAGraph"] = {}  # by (what, key length)
         # What the host reads after each graph launch, in one copy: done, n_frame, cache_len.
-        self.status = torch.zeros(3, device=dev, dtype=i64)
+        self.status = torch.zeros(4, device=dev, dtype=i64)  # ..., and the kernel's error flag
         self.kv_len = capacity  # keys the decode step attends to (set per graph launch)
-        self.steps_per_graph = backend.steps_per_sync
+        # The fused kernel's launch stops at the frame's end by itself, so one launch can take
+        # the longest frame (ceil(budget / K) + 1 steps) and the host syncs once per frame.
+        if backend.steps_per_sync is not None:
+            self.steps_per_graph = backend.steps_per_sync
+        else:
+            self.steps_per_graph = 4 if backend.fused is None else -(-self.V // self.K) + 1
         self.key = (batch, capacity)
         self.nbytes = 2 * self.k_cache.nbytes  # the KV cache dominates (graph pools not counted)
         # The fused (Triton) decode step's scratch and the frame's RoPE table at the decode
@@ -225,7 +230,14 @@ class DecodeState:
         for _ in range(0, max_steps, self.steps_per_graph):
             self._run(("steps", kv_len))
             # The one host sync per graph launch: done flag, frame length and cache length.
-            done, n_t, cache_len = self.status.tolist()
+            done, n_t, cache_len, error = self.status.tolist()
+            if error:
+                self.fused_buffers["barrier"].zero_()
+                self.fused_buffers["error"].zero_()
+                raise BackendError(
+                    "the fused decode kernel's grid barrier timed out (its programs were not all "
+                    "resident on the GPU at once); decode_kernels='torch' avoids it"
+                )
             if done:
                 break
         else:  # pragma: no cover - the budget bounds the steps
@@ -293,11 +305,17 @@ class DecodeState:
         graph.replay()
 
     def _steps(self, kv_len: int) -> None:
-        """What one graph launch runs: ``steps_per_graph`` decode steps, then the status."""
+        """What one graph launch runs: ``steps_per_graph`` decode steps (with the fused kernel,
+        one launch that ends with the frame), then the status."""
         self.kv_len = kv_len
-        for _ in range(self.steps_per_graph):
-            self._decode_step()
-        torch.stack([self.done.long(), self.n_frame, self.cache_len], out=self.status)
+        if self.fused is not None:
+            self.fused.steps(self, self.steps_per_graph)
+            error = self.fused_buffers["error"][0].long()
+        else:
+            for _ in range(self.steps_per_graph):
+                self._decode_step()
+            error = torch.zeros((), device=self.status.device, dtype=torch.int64)
+        torch.stack([self.done.long(), self.n_frame, self.cache_len, error], out=self.status)
 
     def _capture(self, fn) -> "torch.cuda.CUDAGraph":
         """Captures ``fn`` in a CUDA graph (after a warm-up run on a side stream, as torch
@@ -328,7 +346,7 @@ class DecodeState:
     def _decode_step(self) -> None:
         """One decode step as in ``select_step`` + running the tokens, without host syncs.
         When the frame is already done it changes nothing that is read later. With the
-        fused kernels (``triton_decode``) the same step is 27 Triton launches."""
+        fused kernel (``triton_decode``) the same step is one Triton launch."""
         if self.fused is not None:
             self.fused.step(self)
             return
@@ -402,7 +420,7 @@ class TorchBackend(ReferenceBackend):
         weights,
         device: Optional[str] = None,
         precision: str = "float32",
-        steps_per_sync: int = 4,
+        steps_per_sync: Optional[int] = None,
         cuda_graphs: bool = True,
         small_ops: Optional[bool] = None,
         decode_kernels: Optional[str] = None,
@@ -416,7 +434,9 @@ class TorchBackend(ReferenceBackend):
             device = "cuda" if torch.cuda.is_available() else "cpu"
         super().__init__(config, weights, device=device)
         self.precision = precision
-        self.steps_per_sync = int(steps_per_sync)
+        # Decode steps per graph launch (one host read each): None = 4 for the eager step, a
+        # whole frame for the fused kernel (its launch ends with the frame).
+        self.steps_per_sync = None if steps_per_sync is None else int(steps_per_sync)
         self.use_cuda_graphs = bool(cuda_graphs) and self.device.type == "cuda"
         # Small-matrix path for few rows (see _gemv): it replaces cuBLAS's slow fp32 kernels,
         # so it is on by default on CUDA in float32 only (the fast modes want tensor cores).
