@@ -32,7 +32,8 @@ esac
 case "${1:-all}" in
   tune)  # launch configurations of the fused decoder kernel (scripts/tune_triton_decode.py)
     timeout "${TUNE_TIMEOUT:-250}" python3 scripts/tune_triton_decode.py --model "$AUTOGAZE_FIXTURES/model" \
-      --programs "${PROGRAMS:-0}" --per-sm "${PER_SM:-1}" --block-n "${BLOCK_N:-16,32}" --batch "${BATCH:-1,45}" 2>&1 | tee "$OUT/tune.log" ;;
+      --programs "${PROGRAMS:-0}" --per-sm "${PER_SM:-1}" --block-n "${BLOCK_N:-16,32}" --batch "${BATCH:-1,45}" \
+      --stages "${STAGES:-1}" --prefill-keys "${PREFILL_KEYS:-64}" 2>&1 | tee -a "$OUT/tune.log" ;;
 esac
 case "${1:-all}" in
   agreement)  # the torch backend's fast modes against its float32 mode (docs/benchmarks.md)

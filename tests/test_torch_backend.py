@@ -181,3 +181,21 @@ def test_decode_loop_matches_the_reference_to_exhaustion(rand_dir, small_ops):
         lens.append(want)
     assert (lens[0].num_gazing_each_frame == 265).all()  # every id taken: exhaustion ends them
     assert lens[1].if_padded_gazing.any()  # task-loss stops (pads) happened
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True, "4"])
+def test_steps_per_sync_must_be_a_positive_int(bad):
+    with pytest.raises(ag.InputError, match="steps_per_sync must be a positive int"):
+        ag.AutoGaze.from_pretrained(MODEL_DIR, backend="torch", device="cpu", steps_per_sync=bad)
+
+
+def test_steps_per_sync_keeps_the_tokens():
+    # 1 step per graph launch (a host read every step) and 7 give the same tokens as the default
+    pv = case_pixel_values("a")[:, :3]
+    kw = {"gazing_ratio": 0.2, "task_loss_requirement": 0.7}
+    outs = [
+        ag.AutoGaze.from_pretrained(MODEL_DIR, backend="torch", device=DEVICE, steps_per_sync=n).generate(pv, **kw)
+        for n in (None, 1, 7)
+    ]
+    for out in outs[1:]:
+        np.testing.assert_array_equal(out.gazing_pos, outs[0].gazing_pos)

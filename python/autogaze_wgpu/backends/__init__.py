@@ -29,12 +29,13 @@ def _reference(config, model_dir, device, precision):
     return ReferenceBackend(config, _native.load_weights(model_dir), device=device)
 
 
-def _torch(config, model_dir, device, precision, decode_kernels=None):
+def _torch(config, model_dir, device, precision, decode_kernels=None, steps_per_sync=None):
     from .. import _native
     from .torch_backend import TorchBackend
 
     return TorchBackend(
-        config, _native.load_weights(model_dir), device=device, precision=precision, decode_kernels=decode_kernels
+        config, _native.load_weights(model_dir), device=device, precision=precision,
+        decode_kernels=decode_kernels, steps_per_sync=steps_per_sync,
     )
 
 
@@ -55,7 +56,8 @@ def available_backends() -> tuple[str, ...]:
 
 def create_backend(name: str, config, model_dir: str, device=None, precision: str = "float32", **options):
     """Builds backend ``name`` for the (validated) model in ``model_dir``. ``options`` are
-    the backend's own keyword arguments (the torch backend's ``decode_kernels``)."""
+    the backend's own keyword arguments (the torch backend's ``decode_kernels``,
+    ``steps_per_sync``)."""
     if not isinstance(precision, str) or precision not in PRECISIONS:
         raise InputError(f"precision must be one of {', '.join(map(repr, PRECISIONS))}, got {precision!r}")
     if name == "auto":

@@ -9,10 +9,11 @@ per-frame loop runs:
 * the decode step is shape-static and written with GPU-side state only (selection, no-repeat
   mask, finished rows, budget, stop flag, cache length), so it never synchronises with the
   host and is captured in a CUDA graph (``steps_per_sync`` steps per graph launch); on CUDA
-  in float32 it is the fused Triton kernels of ``triton_decode.py``, else the eager torch
-  step below (``decode_kernels``);
-* steps after a frame is done are no-ops on the state (their writes land past the valid
-  length), so the host checks the done flag once per graph launch instead of every step;
+  in float32 it is the persistent Triton kernel of ``triton_decode.py`` (one launch runs a
+  frame's steps and ends with the frame; it runs the prefill too), else the eager torch step
+  below (``decode_kernels``);
+* eager steps after a frame is done are no-ops on the state (their writes land past the
+  valid length), so the host checks the done flag once per graph launch instead of every step;
 * the host reads one small status tensor (done flag, frame length, cache length) per graph
   launch, and nothing else per frame; the tokens of a clip come to the host in one copy;
 * decode states (buffers + graphs) are cached per shape in a small LRU that streaming
@@ -436,7 +437,10 @@ class TorchBackend(ReferenceBackend):
         self.precision = precision
         # Decode steps per graph launch (one host read each): None = 4 for the eager step, a
         # whole frame for the fused kernel (its launch ends with the frame).
-        self.steps_per_sync = None if steps_per_sync is None else int(steps_per_sync)
+        if steps_per_sync is not None and (isinstance(steps_per_sync, bool) or not isinstance(steps_per_sync, int)
+                                           or steps_per_sync < 1):
+            raise InputError(f"steps_per_sync must be a positive int or None, got {steps_per_sync!r}")
+        self.steps_per_sync = steps_per_sync
         self.use_cuda_graphs = bool(cuda_graphs) and self.device.type == "cuda"
         # Small-matrix path for few rows (see _gemv): it replaces cuBLAS's slow fp32 kernels,
         # so it is on by default on CUDA in float32 only (the fast modes want tensor cores).

@@ -467,7 +467,7 @@ def _decoder(
     embed_ptr, n_in_ptr, w_qkv_ptr, w_o_ptr, n_post_ptr, w_gu_ptr, w_down_ptr, final_norm_ptr, w_heads_ptr,
     # this launch's inputs and the scratch
     ids_ptr, vis_ptr, cos_ptr, sin_ptr, x_ptr, q_ptr, y_ptr, act_ptr, pm_ptr, pl_ptr, pacc_ptr,
-    picks_ptr, left_ptr, step_ids_ptr, run_ptr, bar_ptr, err_ptr,
+    picks_ptr, left_ptr, step_ids_ptr, run_ptr, split_count_ptr, bar_ptr, err_ptr,
     B, cap, S, n_steps, eps, scale, G,
     STEP: tl.constexpr, T: tl.constexpr, NLAYERS: tl.constexpr,
     C: tl.constexpr, H: tl.constexpr, HD: tl.constexpr, I: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
@@ -475,7 +475,7 @@ def _decoder(
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     HEADS_BLOCK_R: tl.constexpr, HEADS_BLOCK_N: tl.constexpr,
     ATTN_BLOCKS: tl.constexpr, ATTN_BLOCK_N: tl.constexpr, MERGE_BLOCK_S: tl.constexpr,
-    PREFILL_BLOCK_Q: tl.constexpr,
+    PREFILL_BLOCK_Q: tl.constexpr, PICKS_ALONE: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_KP: tl.constexpr,
     STEP_BLOCK_Q: tl.constexpr,
 ):
@@ -494,9 +494,16 @@ def _decoder(
     s = 0
     while (run != 0) & (s < n_steps):
         if STEP:
-            for b in range(pid, B, G):
-                _pick_task(b, logits_ptr, chosen_ptr, picks_ptr, left_ptr, K, V, PAD, BLOCK_V, BLOCK_KP)
-            _grid_sync(bar_ptr, err_ptr, G)
+            # A few rows' picks are quicker in one program than a barrier away.
+            if B <= PICKS_ALONE:
+                if pid == 0:
+                    for b in range(0, B):
+                        _pick_task(b, logits_ptr, chosen_ptr, picks_ptr, left_ptr, K, V, PAD, BLOCK_V, BLOCK_KP)
+                    tl.debug_barrier()
+            else:
+                for b in range(pid, B, G):
+                    _pick_task(b, logits_ptr, chosen_ptr, picks_ptr, left_ptr, K, V, PAD, BLOCK_V, BLOCK_KP)
+                _grid_sync(bar_ptr, err_ptr, G)
             if pid == 0:
                 _select_task(
                     picks_ptr, left_ptr, task_loss_ptr, chosen_ptr, finished_ptr, frame_tokens_ptr, ft_stride,
@@ -522,14 +529,20 @@ def _decoder(
                 if STEP:
                     used = tl.cdiv(cache_len + K, SPLIT)  # splits holding the step's keys
                     for t in range(pid, B * H * used, G):
+                        bh = t % (B * H)
                         _attention_task(
-                            t % (B * H), t // (B * H), q_ptr, kc, vc, key_mask_ptr, km_stride, cache_len,
+                            bh, t // (B * H), q_ptr, kc, vc, key_mask_ptr, km_stride, cache_len,
                             pm_ptr, pl_ptr, pacc_ptr, cap, S, scale,
                             H, HD, K, ATTN_BLOCKS, ATTN_BLOCK_N, STEP_BLOCK_Q,
                         )
-                    _grid_sync(bar_ptr, err_ptr, G)
-                    for t in range(pid, B * H, G):
-                        _merge_task(t, pm_ptr, pl_ptr, pacc_ptr, y_ptr, used, S, H, HD, K, MERGE_BLOCK_S, BLOCK_KP)
+                        # The program that finishes a (row, head)'s last split merges them (no
+                        # grid barrier between the splits and the merge); the count is reset.
+                        tl.debug_barrier()
+                        finished_splits = tl.atomic_add(split_count_ptr + bh, 1, sem="acq_rel", scope="gpu")
+                        if finished_splits == used - 1:
+                            tl.atomic_xchg(split_count_ptr + bh, 0, sem="relaxed", scope="gpu")
+                            tl.debug_barrier()
+                            _merge_task(bh, pm_ptr, pl_ptr, pacc_ptr, y_ptr, used, S, H, HD, K, MERGE_BLOCK_S, BLOCK_KP)
                 else:
                     q_blocks = tl.cdiv(T, PREFILL_BLOCK_Q)
                     for t in range(pid, B * H * q_blocks, G):
@@ -617,6 +630,8 @@ class FusedDecoder:
     FEW_ROWS, FEW_ROWS_BLOCK_N = 64, 16
     ATTN_BLOCKS, ATTN_BLOCK_N = 2, 64
     MERGE_BLOCK_S = 16
+    # Batches of up to PICKS_ALONE rows have all their picks made by program 0 (no barrier).
+    PICKS_ALONE = 4
     # Warps per program; software-pipelining stages of the step's kernel (1: none; 3,
     # Triton's default, took the shared memory to 218 KiB, past many GPUs' limit).
     NUM_WARPS, NUM_STAGES = 4, 1
@@ -684,6 +699,7 @@ class FusedDecoder:
             "pm": z(B * H * S * K), "pl": z(B * H * S * K), "pacc": z(B * H * S * K, HD),
             "ids": z(B, K, dtype=torch.int32), "picks": z(B, K, dtype=torch.int32),
             "left": z(B, dtype=torch.int32), "run": z(1, dtype=torch.int32),
+            "split_count": z(B * H, dtype=torch.int32),  # splits of each (row, head) done
             "pf_x": z(B * T, C), "pf_q": z(B, H, T, HD), "pf_y": z(B * T, C), "pf_act": z(B * T, self.I),
             "pf_cos": z(B * T, HD), "pf_sin": z(B * T, HD),
             # the grid barrier's [count, generation] and the timeout flag the host checks
@@ -723,14 +739,14 @@ class FusedDecoder:
             self.embed, self.n_in, self.w_qkv, self.w_o, self.n_post, self.w_gu, self.w_down,
             self.final_norm, self.w_heads,
             ids, vision, cos, sin, x, q, y, act, b["pm"], b["pl"], b["pacc"],
-            b["picks"], b["left"], b["ids"], b["run"], b["barrier"], b["error"],
+            b["picks"], b["left"], b["ids"], b["run"], b["split_count"], b["barrier"], b["error"],
             st.B, st.cap, b["S"], n_steps, self.eps, self.scale,
         ]
         consts = dict(
             STEP=step, T=T, NLAYERS=self.NLAYERS, C=self.C, H=self.H, HD=self.HD, I=self.I, K=self.K,
             V=self.V, PAD=self.pad, BLOCK_K=self.BLOCK_K, HEADS_BLOCK_R=16, HEADS_BLOCK_N=self.HEADS_BLOCK_N,
             ATTN_BLOCKS=self.ATTN_BLOCKS, MERGE_BLOCK_S=self.MERGE_BLOCK_S, PREFILL_BLOCK_Q=self.PREFILL_BLOCK_Q,
-            BLOCK_C=_pow2(self.C), BLOCK_V=_pow2(self.V), BLOCK_B=_pow2(st.B), BLOCK_KP=_pow2(self.K),
+            PICKS_ALONE=self.PICKS_ALONE, BLOCK_C=_pow2(self.C), BLOCK_V=_pow2(self.V), BLOCK_B=_pow2(st.B), BLOCK_KP=_pow2(self.K),
             STEP_BLOCK_Q=_pow2(max(self.K, 16)), num_warps=self.NUM_WARPS, **tiles,
         )
         key = tuple(sorted(consts.items())) + (st.B == 1,)  # (Triton specialises on an int being 1)
