@@ -73,7 +73,8 @@ def main(argv=None) -> int:
     for B in [int(x) for x in a.batch.split(",")]:
         for progs, per_sm, bn, attn, nw, ns in configs:
             blocks, abn = (int(x) for x in attn.split("x"))
-            cfg = {"PROGRAMS": int(progs) or None, "PROGRAMS_PER_SM": int(per_sm), "BLOCK_N": int(bn), "FEW_ROWS_BLOCK_N": int(bn),
+            cfg = {"PROGRAMS": int(progs) or None, "PROGRAMS_PER_SM": int(per_sm),
+                   "FEW_ROWS_PROGRAMS_PER_SM": int(per_sm), "BLOCK_N": int(bn), "FEW_ROWS_BLOCK_N": int(bn),
                    "ATTN_BLOCKS": blocks, "ATTN_BLOCK_N": abn, "NUM_WARPS": int(nw), "NUM_STAGES": int(ns), "PREFILL_NUM_STAGES": int(ns),
                    "PREFILL_ATTN_BLOCK_N": a.prefill_keys}
             fused = type("Tuned", (FusedDecoder,), cfg)(be)

@@ -640,8 +640,11 @@ class FusedDecoder:
     PREFILL_BLOCK_R, PREFILL_BLOCK_N, PREFILL_BLOCK_Q, PREFILL_ATTN_BLOCK_N = 32, 32, 32, 64
     PREFILL_NUM_STAGES = 1
     # Programs per launch: PROGRAMS if set, else PROGRAMS_PER_SM on each SM where the
-    # compiled kernel's registers and shared memory let that many be resident.
-    PROGRAMS, PROGRAMS_PER_SM = None, 1
+    # compiled kernel's registers and shared memory let that many be resident (2 at most on
+    # an H200). One video's rows (<= FEW_ROWS) have too few tasks per phase to use a second
+    # program per SM (its step: 293 us with 1, 299 with 2); 45 tiles' step took 2427 us with
+    # 1 and 1842 with 2 (scripts/tune_triton_decode.py, 3000 keys).
+    PROGRAMS, PROGRAMS_PER_SM, FEW_ROWS_PROGRAMS_PER_SM = None, 2, 1
     # Under the interpreter (CPU tests) every Triton op costs ~0.1 ms of Python whatever its
     # size, so the tiles are as large as the shapes allow (one program runs every task): the
     # same kernel with far fewer tasks and ops. Only the summation order within a product
@@ -749,7 +752,8 @@ class FusedDecoder:
             PICKS_ALONE=self.PICKS_ALONE, BLOCK_C=_pow2(self.C), BLOCK_V=_pow2(self.V), BLOCK_B=_pow2(st.B), BLOCK_KP=_pow2(self.K),
             STEP_BLOCK_Q=_pow2(max(self.K, 16)), num_warps=self.NUM_WARPS, **tiles,
         )
-        key = tuple(sorted(consts.items())) + (st.B == 1,)  # (Triton specialises on an int being 1)
+        # (Triton specialises on an int being 1; the rows decide the programs per SM)
+        key = tuple(sorted(consts.items())) + (st.B == 1, st.B * self.K <= self.FEW_ROWS)
         G = self.programs.get(key)
         if G is None:  # first launch of this kernel: compile it, then size the grid
             if self.interpreted:
@@ -758,6 +762,8 @@ class FusedDecoder:
                 G = self.PROGRAMS
             else:
                 kernel = _decoder.warmup(*args, 1, grid=(1,), **consts)
-                G = resident_programs(kernel, self.device, self.PROGRAMS_PER_SM)
+                few = st.B * self.K <= self.FEW_ROWS
+                per_sm = self.FEW_ROWS_PROGRAMS_PER_SM if few else self.PROGRAMS_PER_SM
+                G = resident_programs(kernel, self.device, per_sm)
             self.programs[key] = G
         _decoder[(G,)](*args, G, **consts)
