@@ -14,8 +14,8 @@ per-frame loop runs:
   below (``decode_kernels``);
 * eager steps after a frame is done are no-ops on the state (their writes land past the
   valid length), so the host checks the done flag once per graph launch instead of every step;
-* the host reads one small status tensor (done flag, frame length, cache length) per graph
-  launch, and nothing else per frame; the tokens of a clip come to the host in one copy;
+* the host reads one small status tensor (done flag, frame length, cache length, the Triton
+  kernel's barrier-timeout flag) per graph launch, and nothing else per frame; the tokens of a clip come to the host in one copy;
 * decode states (buffers + graphs) are cached per shape in a small LRU that streaming
   sessions share, so a new session or a ``reset()`` does not recapture graphs.
 
@@ -115,8 +115,9 @@ class DecodeState:
         self.prefill_idx = torch.arange(self.K + P, device=dev)
         self.prefill_len = self.K + P
         self.graphs: dict[tuple[str, int], "torch.cuda.CUDAGraph"] = {}  # by (what, key length)
-        # What the host reads after each graph launch, in one copy: done, n_frame, cache_len.
-        self.status = torch.zeros(4, device=dev, dtype=i64)  # ..., and the kernel's error flag
+        # What the host reads after each graph launch, in one copy: done, n_frame, cache_len
+        # and the Triton kernel's barrier-timeout flag.
+        self.status = torch.zeros(4, device=dev, dtype=i64)
         self.kv_len = capacity  # keys the decode step attends to (set per graph launch)
         # The fused kernel's launch stops at the frame's end by itself, so one launch can take
         # the longest frame (ceil(budget / K) + 1 steps) and the host syncs once per frame.
