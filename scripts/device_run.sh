@@ -30,10 +30,10 @@ case "${1:-all}" in
       --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" ;;
 esac
 case "${1:-all}" in
-  tune)  # launch configurations of the fused decoder kernel (scripts/tune_triton_decode.py)
+  tune)  # launch configurations of the fused decoder kernels (scripts/tune_triton_decode.py)
     timeout "${TUNE_TIMEOUT:-250}" python3 scripts/tune_triton_decode.py --model "$AUTOGAZE_FIXTURES/model" \
-      --programs "${PROGRAMS:-0}" --per-sm "${PER_SM:-1}" --block-n "${BLOCK_N:-16,32}" --batch "${BATCH:-1,45}" \
-      --stages "${STAGES:-1}" --prefill-keys "${PREFILL_KEYS:-64}" 2>&1 | tee -a "$OUT/tune.log" ;;
+      --block-n "${BLOCK_N:-16,32}" --batch "${BATCH:-1,45}" --attn "${ATTN:-2x64}" --warps "${WARPS:-4}" \
+      2>&1 | tee -a "$OUT/tune.log" ;;
 esac
 case "${1:-all}" in
   agreement)  # the torch backend's fast modes against its float32 mode (docs/benchmarks.md)

@@ -134,10 +134,9 @@ class AutoGaze:
             matmuls/convolutions on NVIDIA GPUs; the same as float32 on CPU) and "bf16"
             (bfloat16 GEMMs; selection stays float32). docs/benchmarks.md has their agreement.
         backend_options: the backend's own settings. The torch backend's ``decode_kernels``:
-            "auto" (default: the fused Triton kernel on CUDA in float32, else the eager torch
+            "auto" (default: the fused Triton kernels on CUDA in float32, else the eager torch
             step), "triton" or "torch"; its ``steps_per_sync``: decode steps per CUDA graph
-            launch, each launch one host read (default None: 4 for the eager step, a whole
-            frame for the Triton kernel, whose launch ends with the frame).
+            launch, each launch one host read (default None: 4).
         """
         from . import _native
 

@@ -9,13 +9,13 @@ per-frame loop runs:
 * the decode step is shape-static and written with GPU-side state only (selection, no-repeat
   mask, finished rows, budget, stop flag, cache length), so it never synchronises with the
   host and is captured in a CUDA graph (``steps_per_sync`` steps per graph launch); on CUDA
-  in float32 it is the persistent Triton kernel of ``triton_decode.py`` (one launch runs a
-  frame's steps and ends with the frame; it runs the prefill too), else the eager torch step
-  below (``decode_kernels``);
-* eager steps after a frame is done are no-ops on the state (their writes land past the
-  valid length), so the host checks the done flag once per graph launch instead of every step;
-* the host reads one small status tensor (done flag, frame length, cache length, the Triton
-  kernel's barrier-timeout flag) per graph launch, and nothing else per frame; the tokens of a clip come to the host in one copy;
+  in float32 it is the fused Triton kernels of ``triton_decode.py`` (which run the prefill
+  too), else the eager torch step below (``decode_kernels``);
+* steps after a frame is done are no-ops on the state (their writes land past the valid
+  length, or are masked off), so the host checks the done flag once per graph launch instead
+  of every step;
+* the host reads one small status tensor (done flag, frame length, cache length) per graph
+  launch, and nothing else per frame; the tokens of a clip come to the host in one copy;
 * decode states (buffers + graphs) are cached per shape in a small LRU that streaming
   sessions share, so a new session or a ``reset()`` does not recapture graphs.
 
@@ -115,16 +115,10 @@ class DecodeState:
         self.prefill_idx = torch.arange(self.K + P, device=dev)
         self.prefill_len = self.K + P
         self.graphs: dict[tuple[str, int], "torch.cuda.CUDAGraph"] = {}  # by (what, key length)
-        # What the host reads after each graph launch, in one copy: done, n_frame, cache_len
-        # and the Triton kernel's barrier-timeout flag.
-        self.status = torch.zeros(4, device=dev, dtype=i64)
+        # What the host reads after each graph launch, in one copy: done, n_frame, cache_len.
+        self.status = torch.zeros(3, device=dev, dtype=i64)
         self.kv_len = capacity  # keys the decode step attends to (set per graph launch)
-        # The fused kernel's launch stops at the frame's end by itself, so one launch can take
-        # the longest frame (ceil(budget / K) + 1 steps) and the host syncs once per frame.
-        if backend.steps_per_sync is not None:
-            self.steps_per_graph = backend.steps_per_sync
-        else:
-            self.steps_per_graph = 4 if backend.fused is None else -(-self.V // self.K) + 1
+        self.steps_per_graph = backend.steps_per_sync
         self.key = (batch, capacity)
         self.nbytes = 2 * self.k_cache.nbytes  # the KV cache dominates (graph pools not counted)
         # The fused (Triton) decode step's scratch and the frame's RoPE table at the decode
@@ -232,14 +226,7 @@ class DecodeState:
         for _ in range(0, max_steps, self.steps_per_graph):
             self._run(("steps", kv_len))
             # The one host sync per graph launch: done flag, frame length and cache length.
-            done, n_t, cache_len, error = self.status.tolist()
-            if error:
-                self.fused_buffers["barrier"].zero_()
-                self.fused_buffers["error"].zero_()
-                raise BackendError(
-                    "the fused decode kernel's grid barrier timed out (its programs were not all "
-                    "resident on the GPU at once); decode_kernels='torch' avoids it"
-                )
+            done, n_t, cache_len = self.status.tolist()
             if done:
                 break
         else:  # pragma: no cover - the budget bounds the steps
@@ -307,17 +294,11 @@ class DecodeState:
         graph.replay()
 
     def _steps(self, kv_len: int) -> None:
-        """What one graph launch runs: ``steps_per_graph`` decode steps (with the fused kernel,
-        one launch that ends with the frame), then the status."""
+        """What one graph launch runs: ``steps_per_graph`` decode steps, then the status."""
         self.kv_len = kv_len
-        if self.fused is not None:
-            self.fused.steps(self, self.steps_per_graph)
-            error = self.fused_buffers["error"][0].long()
-        else:
-            for _ in range(self.steps_per_graph):
-                self._decode_step()
-            error = torch.zeros((), device=self.status.device, dtype=torch.int64)
-        torch.stack([self.done.long(), self.n_frame, self.cache_len, error], out=self.status)
+        for _ in range(self.steps_per_graph):
+            self._decode_step()
+        torch.stack([self.done.long(), self.n_frame, self.cache_len], out=self.status)
 
     def _capture(self, fn) -> "torch.cuda.CUDAGraph":
         """Captures ``fn`` in a CUDA graph (after a warm-up run on a side stream, as torch
@@ -348,7 +329,7 @@ class DecodeState:
     def _decode_step(self) -> None:
         """One decode step as in ``select_step`` + running the tokens, without host syncs.
         When the frame is already done it changes nothing that is read later. With the
-        fused kernel (``triton_decode``) the same step is one Triton launch."""
+        fused kernels (``triton_decode``) the same step is 27 Triton launches."""
         if self.fused is not None:
             self.fused.step(self)
             return
@@ -422,7 +403,7 @@ class TorchBackend(ReferenceBackend):
         weights,
         device: Optional[str] = None,
         precision: str = "float32",
-        steps_per_sync: Optional[int] = None,
+        steps_per_sync: Optional[int] = 4,
         cuda_graphs: bool = True,
         small_ops: Optional[bool] = None,
         decode_kernels: Optional[str] = None,
@@ -436,10 +417,11 @@ class TorchBackend(ReferenceBackend):
             device = "cuda" if torch.cuda.is_available() else "cpu"
         super().__init__(config, weights, device=device)
         self.precision = precision
-        # Decode steps per graph launch (one host read each): None = 4 for the eager step, a
-        # whole frame for the fused kernel (its launch ends with the frame).
-        if steps_per_sync is not None and (isinstance(steps_per_sync, bool) or not isinstance(steps_per_sync, int)
-                                           or steps_per_sync < 1):
+        # Decode steps per graph launch (one host read each; None: the default, 4). Steps
+        # past the frame's end cost a step each, so more trades host reads for no-op steps.
+        if steps_per_sync is None:
+            steps_per_sync = 4
+        if isinstance(steps_per_sync, bool) or not isinstance(steps_per_sync, int) or steps_per_sync < 1:
             raise InputError(f"steps_per_sync must be a positive int or None, got {steps_per_sync!r}")
         self.steps_per_sync = steps_per_sync
         self.use_cuda_graphs = bool(cuda_graphs) and self.device.type == "cuda"

@@ -1,43 +1,32 @@
-"""The torch backend's decoder as one persistent Triton kernel per launch (float32, same math).
+"""The torch backend's decode step as 27 fused Triton kernels (float32, same math).
 
-The eager decode step (``DecodeState._decode_step``) is ~300 small torch kernels; even as 27
-fused kernels (this module's previous form) one decode step of one video was 27 launches of
-2-11 us each on an H200, bound by launch latency and each kernel's chain of memory round
-trips. Here a launch is one kernel, ``_decoder``, whose ``G`` programs (no more than the GPU
-holds resident at once: ``resident_programs``) walk through the phases below, splitting each phase's tasks among
-themselves (task t goes to program t mod G) and meeting at a grid-wide barrier
-(``_grid_sync``) wherever a phase reads what another program wrote:
+The eager decode step (``DecodeState._decode_step``) is ~300 small torch kernels: on an
+H100 a CUDA-graph replay of it is bound by their count, not their arithmetic. Here one step
+is:
 
-* a decode step (``STEP``; up to ``n_steps`` of them per launch, stopping when the frame is
-  done): ``_pick_task`` (a task per batch row: the K heads' argmaxes with the no-repeat masks)
-  | ``_select_task`` (program 0: the batch-wide budget / exhaustion / task-loss rules, frame
-  tokens, done flag, the step's key-mask slots) | the layers | the heads;
-* the prefill (``STEP`` false): the layers and the heads over the frame's K pending slots and
-  its vision tokens;
-* per layer: ``_qkv_task`` (RMSNorm + q/k/v + RoPE + K/V into the static cache; layer 0
-  gathers the token embeddings / vision tokens) | attention (a step: ``_attention_task``,
-  split-K over the cache, | ``_merge_task``; the prefill: ``_attention_rows_task``, a block
-  of queries against all keys) | ``_linear_task`` o_proj + residual | ``_gate_up_task``
-  (RMSNorm + gate/up + SwiGLU) | ``_linear_task`` down + residual;
-* ``_heads_task``: final RMSNorm of each row's last token, lm_head and the task-loss head; the
-  cache length advanced.
+* ``_pick`` (a program per batch row: the K heads' argmaxes with the no-repeat masks) and
+  ``_select`` (one program: the batch-wide budget / exhaustion / task-loss rules, frame
+  tokens, done flag, the step's key-mask slots): the greedy choice of ``select_step``;
+* per layer: ``_qkv`` (RMSNorm + q/k/v GEMV + RoPE at the frame's quirky decode positions +
+  K/V written into the static cache; layer 0 gathers the token embeddings itself),
+  ``_attention`` (split-K over the cache, causal + key mask, online softmax per split),
+  ``_merge`` (the splits' softmax merge), ``_linear_residual`` for o_proj, ``_gate_up``
+  (RMSNorm + gate/up GEMV + SwiGLU), ``_linear_residual`` for down;
+* ``_heads``: final RMSNorm of each row's last token, lm_head and the task-loss head, and
+  the cache length advanced when the step ran.
 
-Lengths (cache length, frame length) are device scalars read by the kernel, so one CUDA graph
-serves every cache length, and a launch of ``n_steps`` steps ends early when the frame is done
-(a done frame's launch reads one flag and returns).
-
-The barrier spins a bounded number of times; a barrier that times out (programs not resident
-together, which the grid size is chosen to prevent) sets an error flag that the host turns
-into ``BackendError`` instead of hanging.
+Every kernel reads the step's ``run`` flag (written by ``_select``) and writes nothing when the
+frame is done, so the no-op steps at the end of a CUDA-graph launch cost a launch each and
+change no state. Lengths (cache length, frame length) are device scalars read by the kernels,
+so one graph serves every cache length (no key-length buckets).
 
 Arithmetic: float32 everywhere; products through ``tl.dot(..., input_precision="ieee")``
-(never TF32). The summation order differs from cuBLAS's: logits agree to float32 noise, and
-tokens agree wherever the reference's own top-2 logits are further apart than that
-(docs/benchmarks.md).
+(never TF32). The summation order differs from cuBLAS's, as the eager few-row path's
+products + sums already did: logits agree to float32 noise, and tokens agree wherever the
+reference's own top-2 logits are further apart than that (docs/benchmarks.md).
 
-On CPU the kernel runs under Triton's interpreter (``TRITON_INTERPRET=1``) with one program
-(G = 1: every barrier passes at once); the tests use it to check this path against the eager
-step in CI, which has no GPU.
+On CPU the kernels run under Triton's interpreter (``TRITON_INTERPRET=1``); the tests use it
+to check this path against the eager step in CI, which has no GPU.
 """
 
 from __future__ import annotations
@@ -45,125 +34,113 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# Spins of a grid barrier before it gives up (each is an L2 round trip, ~1 us): seconds.
-MAX_SPINS = tl.constexpr(1 << 22)
-
 
 def _pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
 
 @triton.jit
-def _grid_sync(bar_ptr, err_ptr, G):
-    """Grid-wide barrier of the G programs (sense reversal on bar = [count, generation]):
-    every program's earlier global writes are visible to every program after it. The count
-    is back at 0 after each barrier, so the buffer needs no reset between launches."""
-    tl.debug_barrier()  # the whole program's writes are issued before it arrives
-    if G > 1:
-        gen = tl.atomic_add(bar_ptr + 1, 0, sem="relaxed", scope="gpu")
-        arrived = tl.atomic_add(bar_ptr, 1, sem="acq_rel", scope="gpu")
-        if arrived == G - 1:  # the last to arrive opens the barrier
-            tl.atomic_xchg(bar_ptr, 0, sem="relaxed", scope="gpu")
-            tl.atomic_add(bar_ptr + 1, 1, sem="release", scope="gpu")
-        else:
-            # (once a barrier has timed out, every later one gives up at once: a launch
-            # whose programs are not all resident ends instead of hanging barrier after
-            # barrier)
-            spins = 0
-            while (tl.load(bar_ptr + 1, volatile=True) == gen) & (spins < MAX_SPINS):
-                spins += 1
-                if tl.load(err_ptr, volatile=True) != 0:
-                    spins = MAX_SPINS
-            if spins >= MAX_SPINS:
-                tl.atomic_xchg(err_ptr, 1, sem="relaxed", scope="gpu")
-            tl.atomic_add(bar_ptr + 1, 0, sem="acquire", scope="gpu")
-    tl.debug_barrier()
-
-
-@triton.jit
-def _pick_task(
-    b, logits_ptr, chosen_ptr, picks_ptr, left_ptr,
+def _pick(
+    logits_ptr, chosen_ptr, done_ptr, picks_ptr, left_ptr,
     K: tl.constexpr, V: tl.constexpr, PAD: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Batch row b's part of the step's choice: the K heads' argmaxes (first maximum on ties)
-    over the ids not yet chosen in the frame, never EOS, each pick masked for the later heads
-    (even if it becomes pad below); and how many ids the row may still pick."""
-    ids = tl.arange(0, BLOCK_V)
-    ks = tl.arange(0, BLOCK_K)
-    in_v = ids < V
-    chosen = tl.load(chosen_ptr + b * V + ids, mask=in_v, other=1).to(tl.int32) != 0
-    taken = chosen | (ids == PAD) | ~in_v
-    tl.store(left_ptr + b, tl.sum((~taken).to(tl.int32), 0))
-    picks = tl.full([BLOCK_K], PAD, tl.int32)
-    for k in tl.static_range(K):
-        row = tl.load(logits_ptr + (b * K + k) * V + ids, mask=in_v, other=float("-inf"))
-        tok = tl.argmax(tl.where(taken, float("-inf"), row), 0).to(tl.int32)
-        taken = taken | (ids == tok)
-        picks = tl.where(ks == k, tok, picks)
-    tl.store(picks_ptr + b * K + ks, picks, mask=ks < K)
+    """One batch row's part of the step's choice: the K heads' argmaxes (first maximum on
+    ties) over the ids not yet chosen in the frame, never EOS, each pick masked for the later
+    heads (even if it becomes pad below); and how many ids the row may still pick."""
+    if tl.load(done_ptr).to(tl.int32) == 0:
+        b = tl.program_id(0)
+        ids = tl.arange(0, BLOCK_V)
+        ks = tl.arange(0, BLOCK_K)
+        in_v = ids < V
+        chosen = tl.load(chosen_ptr + b * V + ids, mask=in_v, other=1).to(tl.int32) != 0
+        taken = chosen | (ids == PAD) | ~in_v
+        tl.store(left_ptr + b, tl.sum((~taken).to(tl.int32), 0))
+        picks = tl.full([BLOCK_K], PAD, tl.int32)
+        for k in tl.static_range(K):
+            row = tl.load(logits_ptr + (b * K + k) * V + ids, mask=in_v, other=float("-inf"))
+            tok = tl.argmax(tl.where(taken, float("-inf"), row), 0).to(tl.int32)
+            taken = taken | (ids == tok)
+            picks = tl.where(ks == k, tok, picks)
+        tl.store(picks_ptr + b * K + ks, picks, mask=ks < K)
 
 
 @triton.jit
-def _select_task(
+def _select(
     picks_ptr, left_ptr, task_loss_ptr, chosen_ptr, finished_ptr, frame_tokens_ptr, ft_stride,
     n_frame_ptr, cache_len_ptr, done_ptr, first_ptr, budget_ptr, req_ptr, has_req_ptr,
     key_mask_ptr, km_stride, step_ids_ptr, run_ptr, B,
     K: tl.constexpr, V: tl.constexpr, PAD: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """The batch-wide rest of the step's choice (SPEC §5 step 2, as
-    ``DecodeState._decode_step`` decides it) from the picks of every row: which heads the
-    step keeps, the task-loss stop, the frame's tokens, done flag and the step's key-mask
-    slots; ``run`` says whether the step's tokens run (the frame goes on)."""
-    rows = tl.arange(0, BLOCK_B)
-    ks = tl.arange(0, BLOCK_K)
-    rmask = rows < B
-    kmask = ks < K
-    both = rmask[:, None] & kmask[None, :]
-    finished = tl.load(finished_ptr + rows, mask=rmask, other=1).to(tl.int32) != 0
-    n_frame = tl.load(n_frame_ptr)
-    budget = tl.load(budget_ptr)
-    # Which heads' slots the step keeps: head k's row is all -inf exactly when an
-    # unfinished row has no more than k ids left (heads 0..k-1 each masked one distinct
-    # id); the step stops at the first head past the budget or exhausted.
-    left = tl.load(left_ptr + rows, mask=rmask, other=0)
-    min_left = tl.min(tl.where(finished | ~rmask, V + K, left), 0)
-    exh = min_left <= ks
-    in_budget = (budget - n_frame) > ks
-    ok = in_budget & ~exh & kmask
-    n_valid = tl.min(tl.where(ok, BLOCK_K, ks), 0)  # the first head that is not kept
-    valid = ks < n_valid
-    reached = ks <= n_valid
-    exhausted = tl.max((reached & in_budget & exh & kmask).to(tl.int32), 0) != 0
-    step = tl.load(picks_ptr + rows[:, None] * K + ks[None, :], mask=both, other=PAD)
-    step = tl.where(finished[:, None], PAD, step)
-    # Task-loss stop: meeting slots become pad; slot 0 of the frame's first step never meets.
-    tl_pred = tl.load(task_loss_ptr + rows[:, None] * K + ks[None, :], mask=both, other=float("inf"))
-    has_req = tl.load(has_req_ptr).to(tl.int32) != 0
-    first = tl.load(first_ptr).to(tl.int32) != 0
-    meet = (tl_pred <= tl.load(req_ptr)) & valid[None, :] & has_req
-    meet = meet & ~((ks[None, :] == 0) & first)
-    step = tl.where(meet, PAD, step)
-    finished = finished | (tl.max(meet.to(tl.int32), 1) != 0)
-    tl.store(finished_ptr + rows, finished.to(tl.int1), mask=rmask)
-    # Every slot is written (the invalid ones land past the frame length).
-    tl.store(frame_tokens_ptr + rows[:, None] * ft_stride + n_frame + ks[None, :],
-             step.to(tl.int64), mask=both)
-    tl.store(chosen_ptr + rows[:, None] * V + step, tl.full([BLOCK_B, BLOCK_K], 1, tl.int1),
-             mask=rmask[:, None] & valid[None, :])
-    n_frame = n_frame + n_valid
-    all_finished = tl.min(tl.where(rmask, finished.to(tl.int32), 1), 0) != 0
-    done_now = (n_frame >= budget) | exhausted | all_finished
-    run = (~done_now).to(tl.int32)
-    tl.store(n_frame_ptr, n_frame)
-    tl.store(done_ptr, done_now.to(tl.int1))
-    tl.store(first_ptr, 0)
-    # The step's tokens are run (mask 1) only if the frame goes on; otherwise the next
-    # frame's prefill runs them.
-    cache_len = tl.load(cache_len_ptr)
-    tl.store(key_mask_ptr + rows[:, None] * km_stride + cache_len + ks[None, :],
-             tl.full([BLOCK_B, BLOCK_K], 1, tl.int1) & (run != 0), mask=both)
-    tl.store(step_ids_ptr + rows[:, None] * K + ks[None, :], step, mask=both)
-    tl.store(run_ptr, run)
+    ``DecodeState._decode_step`` decides it) from ``_pick``'s rows: which heads the step
+    keeps, the task-loss stop, the frame's tokens, done flag and the step's key-mask slots."""
+    done = tl.load(done_ptr).to(tl.int32)
+    if done != 0:
+        tl.store(run_ptr, 0)
+    else:
+        rows = tl.arange(0, BLOCK_B)
+        ks = tl.arange(0, BLOCK_K)
+        rmask = rows < B
+        kmask = ks < K
+        both = rmask[:, None] & kmask[None, :]
+        finished = tl.load(finished_ptr + rows, mask=rmask, other=1).to(tl.int32) != 0
+        n_frame = tl.load(n_frame_ptr)
+        budget = tl.load(budget_ptr)
+        # Which heads' slots the step keeps: head k's row is all -inf exactly when an
+        # unfinished row has no more than k ids left (heads 0..k-1 each masked one distinct
+        # id); the step stops at the first head past the budget or exhausted.
+        left = tl.load(left_ptr + rows, mask=rmask, other=0)
+        min_left = tl.min(tl.where(finished | ~rmask, V + K, left), 0)
+        exh = min_left <= ks
+        in_budget = (budget - n_frame) > ks
+        ok = in_budget & ~exh & kmask
+        n_valid = tl.min(tl.where(ok, BLOCK_K, ks), 0)  # the first head that is not kept
+        valid = ks < n_valid
+        reached = ks <= n_valid
+        exhausted = tl.max((reached & in_budget & exh & kmask).to(tl.int32), 0) != 0
+        step = tl.load(picks_ptr + rows[:, None] * K + ks[None, :], mask=both, other=PAD)
+        step = tl.where(finished[:, None], PAD, step)
+        # Task-loss stop: meeting slots become pad; slot 0 of the frame's first step never meets.
+        tl_pred = tl.load(task_loss_ptr + rows[:, None] * K + ks[None, :], mask=both, other=float("inf"))
+        has_req = tl.load(has_req_ptr).to(tl.int32) != 0
+        first = tl.load(first_ptr).to(tl.int32) != 0
+        meet = (tl_pred <= tl.load(req_ptr)) & valid[None, :] & has_req
+        meet = meet & ~((ks[None, :] == 0) & first)
+        step = tl.where(meet, PAD, step)
+        finished = finished | (tl.max(meet.to(tl.int32), 1) != 0)
+        tl.store(finished_ptr + rows, finished.to(tl.int1), mask=rmask)
+        # Every slot is written (the invalid ones land past the frame length).
+        tl.store(frame_tokens_ptr + rows[:, None] * ft_stride + n_frame + ks[None, :],
+                 step.to(tl.int64), mask=both)
+        tl.store(chosen_ptr + rows[:, None] * V + step, tl.full([BLOCK_B, BLOCK_K], 1, tl.int1),
+                 mask=rmask[:, None] & valid[None, :])
+        n_frame = n_frame + n_valid
+        all_finished = tl.min(tl.where(rmask, finished.to(tl.int32), 1), 0) != 0
+        done_now = (n_frame >= budget) | exhausted | all_finished
+        run = (~done_now).to(tl.int32)
+        tl.store(n_frame_ptr, n_frame)
+        tl.store(done_ptr, done_now.to(tl.int1))
+        tl.store(first_ptr, 0)
+        # The step's tokens are run (mask 1) only if the frame goes on; otherwise the next
+        # frame's prefill runs them.
+        cache_len = tl.load(cache_len_ptr)
+        tl.store(key_mask_ptr + rows[:, None] * km_stride + cache_len + ks[None, :],
+                 tl.full([BLOCK_B, BLOCK_K], 1, tl.int1) & (run != 0), mask=both)
+        tl.store(step_ids_ptr + rows[:, None] * K + ks[None, :], step, mask=both)
+        tl.store(run_ptr, run)
+
+
+# The kernels below issue every load that does not wait for another first and mask their
+# stores with the run flag rather than branching on it, so the flag costs no round trip of
+# its own: at these sizes a kernel's time is its chain of dependent memory round trips, not
+# its arithmetic. The flag is loaded as a vector (one address, ``_run_flag``): Triton's
+# interpreter cannot mask a store with a scalar.
+
+
+@triton.jit
+def _run_flag(run_ptr, like):
+    """The step's run flag broadcast to the shape of ``like`` (a 1-D index vector)."""
+    return tl.load(run_ptr + like * 0) != 0
 
 
 @triton.jit
@@ -227,24 +204,26 @@ def _matmul_t2(
 
 
 @triton.jit
-def _qkv_task(
-    rb, j, gather, x_ptr, ids_ptr, embed_ptr, vis_ptr, norm_ptr, w_ptr, cos_ptr, sin_ptr, q_ptr, kc_ptr, vc_ptr,
-    cache_len, R, cap, eps,
-    T: tl.constexpr, NG: tl.constexpr, C: tl.constexpr, H: tl.constexpr, HD: tl.constexpr,
+def _qkv(
+    x_ptr, ids_ptr, embed_ptr, vis_ptr, norm_ptr, w_ptr, cos_ptr, sin_ptr, q_ptr, kc_ptr, vc_ptr,
+    cache_len_ptr, run_ptr, R, cap, eps,
+    GATHER: tl.constexpr, T: tl.constexpr, NG: tl.constexpr,
+    C: tl.constexpr, H: tl.constexpr, HD: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """RMSNorm(x) @ [Wq; Wk; Wv]^T for rows block rb and one head j of q, k or v (j in [0,
-    3H)), RoPE on q and k, q to ``q_ptr`` (B, H, T, HD) and k/v into the cache at slots
-    cache_len + [0, T), for the T tokens of each batch row (R = B * T rows; cos/sin are
-    (R, HD) at their positions). Layer 0 (``gather``) starts the residual stream x: a row's
-    first NG tokens through embed_tokens (ids (B, NG)), the rest from the vision tokens (B,
-    T - NG, C): a decode step has T = NG = K, the prefill the K pending slots, then vision."""
+    """RMSNorm(x) @ [Wq; Wk; Wv]^T for one head of q, k or v (program axis 1), RoPE on q and
+    k, q to ``q_ptr`` (B, H, T, HD) and k/v into the cache at slots cache_len + [0, T), for
+    the T tokens of each batch row (R = B * T rows; cos/sin are (R, HD) at their positions).
+    Layer 0 (GATHER) starts the residual stream x: a row's first NG tokens through
+    embed_tokens (ids (B, NG)), the rest from the vision tokens (B, T - NG, C): a decode step
+    has T = NG = K, the prefill the K pending slots then the vision tokens."""
     HALF: tl.constexpr = HD // 2
-    which = j // H  # 0 q, 1 k, 2 v
-    head = j % H
-    rows = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+    which = tl.program_id(1) // H  # 0 q, 1 k, 2 v
+    head = tl.program_id(1) % H
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     n = tl.arange(0, HALF)
     rmask = rows < R
+    run = _run_flag(run_ptr, rows)[:, None]
     cs = rows[:, None] * HD + n[None, :]
     c_lo = tl.load(cos_ptr + cs, mask=rmask[:, None], other=0.0)
     s_lo = tl.load(sin_ptr + cs, mask=rmask[:, None], other=0.0)
@@ -252,20 +231,21 @@ def _qkv_task(
     s_hi = tl.load(sin_ptr + cs + HALF, mask=rmask[:, None], other=0.0)
     b = rows // T
     t = rows % T
-    slot = cache_len + t
-    src = x_ptr + rows.to(tl.int64) * C
-    if gather:
+    slot = tl.load(cache_len_ptr).to(tl.int32) + t
+    if GATHER:
         gathered = t < NG
         ids = tl.load(ids_ptr + b * NG + t, mask=rmask & gathered, other=0).to(tl.int64)
         src = embed_ptr + ids * C
         if T > NG:
             vis = vis_ptr + (b * (T - NG) + tl.maximum(t - NG, 0)).to(tl.int64) * C
             src = tl.where(gathered, src, vis)
-        if j == 0:
+        if tl.program_id(1) == 0:
             cols = tl.arange(0, BLOCK_C)
             m2 = rmask[:, None] & (cols[None, :] < C)
             emb = tl.load(src[:, None] + cols[None, :], mask=m2, other=0.0)
-            tl.store(x_ptr + rows[:, None].to(tl.int64) * C + cols[None, :], emb, mask=m2)
+            tl.store(x_ptr + rows[:, None] * C + cols[None, :], emb, mask=m2 & run)
+    else:
+        src = x_ptr + rows.to(tl.int64) * C
     inv = _rms_scale(src, rmask, C, BLOCK_C, eps)
     base = which * C + head * HD
     ok = n < HALF
@@ -273,7 +253,7 @@ def _qkv_task(
                         BLOCK_R, HALF, BLOCK_K)
     if which < 2:  # RoPE, rotate-half convention: (lo, hi) -> (lo c - hi s, hi c + lo s)
         lo, hi = lo * c_lo + (-hi) * s_lo, hi * c_hi + lo * s_hi
-    ms = rmask[:, None]
+    ms = rmask[:, None] & run
     if which == 0:
         q_at = (((b * H + head) * T + t).to(tl.int64) * HD)[:, None] + n[None, :]
         tl.store(q_ptr + q_at, lo, mask=ms)
@@ -313,47 +293,86 @@ def _attend_block(
 
 
 @triton.jit
-def _attention_task(
-    bh, sp, q_ptr, kc_ptr, vc_ptr, key_mask_ptr, km_stride, cache_len,
+def _attention(
+    q_ptr, kc_ptr, vc_ptr, key_mask_ptr, km_stride, cache_len_ptr, run_ptr,
     pm_ptr, pl_ptr, pacc_ptr, cap, S, scale,
     H: tl.constexpr, HD: tl.constexpr, K: tl.constexpr,
     BLOCKS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):
-    """The K step queries of one (row, head) bh against split sp of the cache (BLOCKS x
+    """The K step queries of one (row, head) against one split of the cache (BLOCKS x
     BLOCK_N keys): causal (query k sees slots <= cache_len + k) and the key mask, softmax
-    statistics of the split (max, sum, weighted values) into the partials for ``_merge_task``."""
+    statistics per split (max, sum, weighted values) into the partials for ``_merge``.
+    Splits past the step's last key do nothing (``_merge`` does not read them)."""
+    bh = tl.program_id(0)
+    sp = tl.program_id(1)
     b = bh // H
     qs = tl.arange(0, BLOCK_Q)
     d = tl.arange(0, HD)
     qm = qs < K
     q = tl.load(q_ptr + (bh * K + qs)[:, None] * HD + d[None, :], mask=qm[:, None], other=0.0)
+    cache_len = tl.load(cache_len_ptr).to(tl.int32)
+    run = tl.load(run_ptr) != 0
     end = cache_len + K
+    if run & (sp * BLOCKS * BLOCK_N < end):
+        m_i = tl.full([BLOCK_Q], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_Q], tl.float32)
+        acc = tl.zeros([BLOCK_Q, HD], tl.float32)
+        kv = (bh * cap * HD).to(tl.int64)
+        for j in tl.static_range(BLOCKS):
+            kn = (sp * BLOCKS + j) * BLOCK_N + tl.arange(0, BLOCK_N)
+            m_i, l_i, acc = _attend_block(q, qs, kn, kv, kc_ptr, vc_ptr, key_mask_ptr + b * km_stride,
+                                          cache_len, end, scale, m_i, l_i, acc, HD)
+        o = (bh * S + sp) * K + qs
+        tl.store(pm_ptr + o, m_i, mask=qm)
+        tl.store(pl_ptr + o, l_i, mask=qm)
+        tl.store(pacc_ptr + o[:, None] * HD + d[None, :], acc, mask=qm[:, None])
+
+
+@triton.jit
+def _attention_rows(
+    q_ptr, kc_ptr, vc_ptr, key_mask_ptr, km_stride, cache_len_ptr, y_ptr, cap, scale,
+    T: tl.constexpr, H: tl.constexpr, HD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The prefill's attention: BLOCK_Q of a row's T tokens (program axis 1) for one (row,
+    head) against every cache slot they may see, softmax over all of them; y is (B, T, H*HD).
+    A token that sees no key at all (a pad slot of the first frame, never attended and never
+    read out) gets 0 rather than 0/0."""
+    bh = tl.program_id(0)
+    b = bh // H
+    head = bh % H
+    qs = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    d = tl.arange(0, HD)
+    qm = qs < T
+    q = tl.load(q_ptr + ((bh * T + qs).to(tl.int64) * HD)[:, None] + d[None, :], mask=qm[:, None], other=0.0)
+    cache_len = tl.load(cache_len_ptr).to(tl.int32)
+    end = cache_len + tl.minimum(T, (tl.program_id(1) + 1) * BLOCK_Q)  # past the block's last query
     m_i = tl.full([BLOCK_Q], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_Q], tl.float32)
     acc = tl.zeros([BLOCK_Q, HD], tl.float32)
     kv = (bh * cap * HD).to(tl.int64)
-    for j in tl.static_range(BLOCKS):
-        kn = (sp * BLOCKS + j) * BLOCK_N + tl.arange(0, BLOCK_N)
-        m_i, l_i, acc = _attend_block(q, qs, kn, kv, kc_ptr, vc_ptr, key_mask_ptr + b * km_stride,
-                                      cache_len, end, scale, m_i, l_i, acc, HD)
-    o = (bh * S + sp) * K + qs
-    tl.store(pm_ptr + o, m_i, mask=qm)
-    tl.store(pl_ptr + o, l_i, mask=qm)
-    tl.store(pacc_ptr + o[:, None] * HD + d[None, :], acc, mask=qm[:, None])
+    for k0 in range(0, end, BLOCK_N):
+        m_i, l_i, acc = _attend_block(q, qs, k0 + tl.arange(0, BLOCK_N), kv, kc_ptr, vc_ptr,
+                                      key_mask_ptr + b * km_stride, cache_len, end, scale, m_i, l_i, acc, HD)
+    y = tl.where((l_i > 0)[:, None], acc / tl.where(l_i > 0, l_i, 1.0)[:, None], 0.0)
+    tl.store(y_ptr + ((b * T + qs).to(tl.int64) * (H * HD))[:, None] + head * HD + d[None, :], y, mask=qm[:, None])
 
 
 @triton.jit
-def _merge_task(
-    bh, pm_ptr, pl_ptr, pacc_ptr, y_ptr, used, S,
-    H: tl.constexpr, HD: tl.constexpr, K: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_Q: tl.constexpr,
+def _merge(
+    pm_ptr, pl_ptr, pacc_ptr, y_ptr, cache_len_ptr, run_ptr, S,
+    H: tl.constexpr, HD: tl.constexpr, K: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):
-    """softmax(scores) @ values of one (row, head) bh from its ``used`` splits (online over
-    chunks of BLOCK_S splits); y is (B, K, H*HD)."""
+    """softmax(scores) @ values of one (row, head) from the splits that hold keys (online
+    over chunks of BLOCK_S splits); y is (B, K, H*HD)."""
+    bh = tl.program_id(0)
     b = bh // H
     head = bh % H
     qs = tl.arange(0, BLOCK_Q)
     d = tl.arange(0, HD)
     qm = qs < K
+    used = tl.cdiv(tl.load(cache_len_ptr).to(tl.int32) + K, SPLIT)
+    run = _run_flag(run_ptr, qs)
     m = tl.full([BLOCK_Q], float("-inf"), tl.float32)
     total = tl.zeros([BLOCK_Q], tl.float32)
     acc = tl.zeros([BLOCK_Q, HD], tl.float32)
@@ -372,213 +391,72 @@ def _merge_task(
         acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * part, 0)
         m = m_new
     y = acc / tl.where(qm, total, 1.0)[:, None]
-    tl.store(y_ptr + (b * K + qs)[:, None] * (H * HD) + head * HD + d[None, :], y, mask=qm[:, None])
+    tl.store(y_ptr + (b * K + qs)[:, None] * (H * HD) + head * HD + d[None, :], y, mask=(qm & run)[:, None])
 
 
 @triton.jit
-def _attention_rows_task(
-    bh, qb, q_ptr, kc_ptr, vc_ptr, key_mask_ptr, km_stride, cache_len, y_ptr, cap, scale,
-    T: tl.constexpr, H: tl.constexpr, HD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """The prefill's attention: block qb of BLOCK_Q of a row's T tokens for one (row, head)
-    bh against every cache slot they may see, softmax over all of them; y is (B, T, H*HD).
-    A token that sees no key at all (a pad slot of the first frame, never attended and never
-    read out) gets 0 rather than 0/0."""
-    b = bh // H
-    head = bh % H
-    qs = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    d = tl.arange(0, HD)
-    qm = qs < T
-    q = tl.load(q_ptr + ((bh * T + qs).to(tl.int64) * HD)[:, None] + d[None, :], mask=qm[:, None], other=0.0)
-    end = cache_len + tl.minimum(T, (qb + 1) * BLOCK_Q)  # past the block's last query
-    m_i = tl.full([BLOCK_Q], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_Q], tl.float32)
-    acc = tl.zeros([BLOCK_Q, HD], tl.float32)
-    kv = (bh * cap * HD).to(tl.int64)
-    for k0 in range(0, end, BLOCK_N):
-        m_i, l_i, acc = _attend_block(q, qs, k0 + tl.arange(0, BLOCK_N), kv, kc_ptr, vc_ptr,
-                                      key_mask_ptr + b * km_stride, cache_len, end, scale, m_i, l_i, acc, HD)
-    y = tl.where((l_i > 0)[:, None], acc / tl.where(l_i > 0, l_i, 1.0)[:, None], 0.0)
-    tl.store(y_ptr + ((b * T + qs).to(tl.int64) * (H * HD))[:, None] + head * HD + d[None, :], y, mask=qm[:, None])
-
-
-@triton.jit
-def _linear_task(
-    rb, cb, a_ptr, w_ptr, x_ptr, R,
+def _linear_residual(
+    a_ptr, w_ptr, x_ptr, run_ptr, R,
     N: tl.constexpr, KD: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """x (R, N) += a (R, KD) @ W^T, W (N, KD), for rows block rb and columns block cb:
-    o_proj and down_proj with their residual."""
-    rows = rb * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = cb * BLOCK_N + tl.arange(0, BLOCK_N)
+    """x (R, N) += a (R, KD) @ W^T, W (N, KD): o_proj and down_proj with their residual."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     m2 = (rows[:, None] < R) & (cols[None, :] < N)
-    xo = x_ptr + rows[:, None].to(tl.int64) * N + cols[None, :]
+    xo = x_ptr + rows[:, None] * N + cols[None, :]
     x = tl.load(xo, mask=m2, other=0.0)
+    run = _run_flag(run_ptr, rows)[:, None]
     # (no RMSNorm: the scale and norm arguments are unused, x_ptr stands in for both)
-    y = _matmul_t(a_ptr + rows.to(tl.int64) * KD, rows < R, x_ptr, x_ptr, w_ptr, cols, cols < N, KD, False,
+    y = _matmul_t(a_ptr + rows * KD, rows < R, x_ptr, x_ptr, w_ptr, cols, cols < N, KD, False,
                   BLOCK_R, BLOCK_N, BLOCK_K)
-    tl.store(xo, x + y, mask=m2)
+    tl.store(xo, x + y, mask=m2 & run)
 
 
 @triton.jit
-def _gate_up_task(
-    rb, cb, x_ptr, norm_ptr, w_ptr, act_ptr, R, eps,
+def _gate_up(
+    x_ptr, norm_ptr, w_ptr, act_ptr, run_ptr, R, eps,
     C: tl.constexpr, I: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """act = silu(h Wg^T) * (h Wu^T), h = RMSNorm(x); W = [Wg; Wu] (2I, C)."""
-    rows = rb * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = cb * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < R
-    src = x_ptr + rows.to(tl.int64) * C
+    run = _run_flag(run_ptr, rows)[:, None]
+    src = x_ptr + rows * C
     inv = _rms_scale(src, rmask, C, BLOCK_C, eps)
     g, u = _matmul_t2(src, rmask, inv, norm_ptr, w_ptr, cols, I + cols, cols < I, C, True, BLOCK_R, BLOCK_N, BLOCK_K)
     act = g / (1.0 + tl.exp(-g)) * u
-    tl.store(act_ptr + rows[:, None].to(tl.int64) * I + cols[None, :], act, mask=rmask[:, None] & (cols[None, :] < I))
+    tl.store(act_ptr + rows[:, None] * I + cols[None, :], act, mask=rmask[:, None] & (cols[None, :] < I) & run)
 
 
 @triton.jit
-def _heads_task(
-    rb, cb, x_ptr, norm_ptr, w_ptr, logits_ptr, task_loss_ptr, B, eps,
+def _heads(
+    x_ptr, norm_ptr, w_ptr, logits_ptr, task_loss_ptr, cache_len_ptr, run_ptr, B, eps,
     C: tl.constexpr, K: tl.constexpr, T: tl.constexpr, NL: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Final RMSNorm of each row's last token (of T), then [lm_head; task-loss head] (NL + K
-    outputs) for columns block cb: logits (B, NL) and task losses (B, K)."""
-    bs = rb * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = cb * BLOCK_N + tl.arange(0, BLOCK_N)
+    outputs): logits (B, NL) and task losses (B, K). Program (0, 0) then advances the cache
+    length past the T tokens."""
+    bs = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     bmask = bs < B
+    cache_len = tl.load(cache_len_ptr)
+    run = _run_flag(run_ptr, bs)[:, None]
     src = x_ptr + (bs * T + (T - 1)).to(tl.int64) * C
     inv = _rms_scale(src, bmask, C, BLOCK_C, eps)
     out = _matmul_t(src, bmask, inv, norm_ptr, w_ptr, cols, cols < NL + K, C, True, BLOCK_R, BLOCK_N, BLOCK_K)
-    tl.store(logits_ptr + bs[:, None] * NL + cols[None, :], out, mask=bmask[:, None] & (cols[None, :] < NL))
-    tm = bmask[:, None] & (cols[None, :] >= NL) & (cols[None, :] < NL + K)
+    tl.store(logits_ptr + bs[:, None] * NL + cols[None, :], out, mask=bmask[:, None] & (cols[None, :] < NL) & run)
+    tm = bmask[:, None] & (cols[None, :] >= NL) & (cols[None, :] < NL + K) & run
     tl.store(task_loss_ptr + bs[:, None] * K + (cols[None, :] - NL), out, mask=tm)
-
-
-@triton.jit(do_not_specialize=["n_steps", "G"])
-def _decoder(
-    # the decode state (DecodeState's tensors)
-    logits_ptr, task_loss_ptr, chosen_ptr, finished_ptr, frame_tokens_ptr, ft_stride,
-    n_frame_ptr, cache_len_ptr, done_ptr, first_ptr, budget_ptr, req_ptr, has_req_ptr,
-    key_mask_ptr, km_stride, kc_ptr, vc_ptr, kv_layer_stride,
-    # the weights, stacked over layers
-    embed_ptr, n_in_ptr, w_qkv_ptr, w_o_ptr, n_post_ptr, w_gu_ptr, w_down_ptr, final_norm_ptr, w_heads_ptr,
-    # this launch's inputs and the scratch
-    ids_ptr, vis_ptr, cos_ptr, sin_ptr, x_ptr, q_ptr, y_ptr, act_ptr, pm_ptr, pl_ptr, pacc_ptr,
-    picks_ptr, left_ptr, step_ids_ptr, run_ptr, split_count_ptr, bar_ptr, err_ptr,
-    B, cap, S, n_steps, eps, scale, G,
-    STEP: tl.constexpr, T: tl.constexpr, NLAYERS: tl.constexpr,
-    C: tl.constexpr, H: tl.constexpr, HD: tl.constexpr, I: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    PAD: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    HEADS_BLOCK_R: tl.constexpr, HEADS_BLOCK_N: tl.constexpr,
-    ATTN_BLOCKS: tl.constexpr, ATTN_BLOCK_N: tl.constexpr, MERGE_BLOCK_S: tl.constexpr,
-    PREFILL_BLOCK_Q: tl.constexpr, PICKS_ALONE: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_KP: tl.constexpr,
-    STEP_BLOCK_Q: tl.constexpr,
-):
-    """Up to ``n_steps`` decode steps (STEP), stopping when the frame is done, or the prefill
-    (T tokens a row, one pass); program ``pid`` of G takes every G-th task of each phase."""
-    pid = tl.program_id(0)
-    R = B * T
-    row_blocks = tl.cdiv(R, BLOCK_R)
-    SPLIT: tl.constexpr = ATTN_BLOCKS * ATTN_BLOCK_N
-    NL: tl.constexpr = K * V
-    # done is written only after the first barrier of a step, so every program reads the
-    # same value here; the prefill always runs.
-    run = (tl.load(done_ptr).to(tl.int32) == 0).to(tl.int32)
-    if not STEP:
-        run = run * 0 + 1
-    s = 0
-    while (run != 0) & (s < n_steps):
-        if STEP:
-            # A few rows' picks are quicker in one program than a barrier away.
-            if B <= PICKS_ALONE:
-                if pid == 0:
-                    for b in range(0, B):
-                        _pick_task(b, logits_ptr, chosen_ptr, picks_ptr, left_ptr, K, V, PAD, BLOCK_V, BLOCK_KP)
-                    tl.debug_barrier()
-            else:
-                for b in range(pid, B, G):
-                    _pick_task(b, logits_ptr, chosen_ptr, picks_ptr, left_ptr, K, V, PAD, BLOCK_V, BLOCK_KP)
-                _grid_sync(bar_ptr, err_ptr, G)
-            if pid == 0:
-                _select_task(
-                    picks_ptr, left_ptr, task_loss_ptr, chosen_ptr, finished_ptr, frame_tokens_ptr, ft_stride,
-                    n_frame_ptr, cache_len_ptr, done_ptr, first_ptr, budget_ptr, req_ptr, has_req_ptr,
-                    key_mask_ptr, km_stride, step_ids_ptr, run_ptr, B,
-                    K, V, PAD, BLOCK_B, BLOCK_KP,
-                )
-            _grid_sync(bar_ptr, err_ptr, G)
-            run = tl.load(run_ptr, volatile=True)
-        if run != 0:
-            cache_len = tl.load(cache_len_ptr, volatile=True).to(tl.int32)
-            for layer in range(NLAYERS):
-                kc = kc_ptr + layer * kv_layer_stride
-                vc = vc_ptr + layer * kv_layer_stride
-                n_tasks = row_blocks * 3 * H
-                for t in range(pid, n_tasks, G):
-                    _qkv_task(
-                        t // (3 * H), t % (3 * H), layer == 0, x_ptr, ids_ptr, embed_ptr, vis_ptr,
-                        n_in_ptr + layer * C, w_qkv_ptr + layer * (3 * C * C), cos_ptr, sin_ptr, q_ptr, kc, vc,
-                        cache_len, R, cap, eps, T, K, C, H, HD, BLOCK_R, BLOCK_C, BLOCK_K,
-                    )
-                _grid_sync(bar_ptr, err_ptr, G)
-                if STEP:
-                    used = tl.cdiv(cache_len + K, SPLIT)  # splits holding the step's keys
-                    for t in range(pid, B * H * used, G):
-                        bh = t % (B * H)
-                        _attention_task(
-                            bh, t // (B * H), q_ptr, kc, vc, key_mask_ptr, km_stride, cache_len,
-                            pm_ptr, pl_ptr, pacc_ptr, cap, S, scale,
-                            H, HD, K, ATTN_BLOCKS, ATTN_BLOCK_N, STEP_BLOCK_Q,
-                        )
-                        # The program that finishes a (row, head)'s last split merges them (no
-                        # grid barrier between the splits and the merge); the count is reset.
-                        tl.debug_barrier()
-                        finished_splits = tl.atomic_add(split_count_ptr + bh, 1, sem="acq_rel", scope="gpu")
-                        if finished_splits == used - 1:
-                            tl.atomic_xchg(split_count_ptr + bh, 0, sem="relaxed", scope="gpu")
-                            tl.debug_barrier()
-                            _merge_task(bh, pm_ptr, pl_ptr, pacc_ptr, y_ptr, used, S, H, HD, K, MERGE_BLOCK_S, BLOCK_KP)
-                else:
-                    q_blocks = tl.cdiv(T, PREFILL_BLOCK_Q)
-                    for t in range(pid, B * H * q_blocks, G):
-                        _attention_rows_task(
-                            t // q_blocks, t % q_blocks, q_ptr, kc, vc, key_mask_ptr, km_stride, cache_len, y_ptr,
-                            cap, scale, T, H, HD, PREFILL_BLOCK_Q, ATTN_BLOCK_N,
-                        )
-                _grid_sync(bar_ptr, err_ptr, G)
-                c_blocks = tl.cdiv(C, BLOCK_N)
-                for t in range(pid, row_blocks * c_blocks, G):
-                    _linear_task(t // c_blocks, t % c_blocks, y_ptr, w_o_ptr + layer * (C * C), x_ptr, R,
-                                 C, C, BLOCK_R, BLOCK_N, BLOCK_K)
-                _grid_sync(bar_ptr, err_ptr, G)
-                i_blocks = tl.cdiv(I, BLOCK_N)
-                for t in range(pid, row_blocks * i_blocks, G):
-                    _gate_up_task(t // i_blocks, t % i_blocks, x_ptr, n_post_ptr + layer * C,
-                                  w_gu_ptr + layer * (2 * I * C), act_ptr, R, eps,
-                                  C, I, BLOCK_R, BLOCK_C, BLOCK_N, BLOCK_K)
-                _grid_sync(bar_ptr, err_ptr, G)
-                for t in range(pid, row_blocks * c_blocks, G):
-                    _linear_task(t // c_blocks, t % c_blocks, act_ptr, w_down_ptr + layer * (C * I), x_ptr, R,
-                                 C, I, BLOCK_R, BLOCK_N, BLOCK_K)
-                _grid_sync(bar_ptr, err_ptr, G)
-            h_blocks = tl.cdiv(NL + K, HEADS_BLOCK_N)
-            for t in range(pid, tl.cdiv(B, HEADS_BLOCK_R) * h_blocks, G):
-                _heads_task(t // h_blocks, t % h_blocks, x_ptr, final_norm_ptr, w_heads_ptr, logits_ptr, task_loss_ptr,
-                            B, eps, C, K, T, NL, HEADS_BLOCK_R, BLOCK_C, HEADS_BLOCK_N, BLOCK_K)
-            if pid == 0:  # nothing in this launch reads the cache length after the last barrier
-                tl.store(cache_len_ptr, (cache_len + T).to(tl.int64))
-            if STEP:
-                _grid_sync(bar_ptr, err_ptr, G)  # the next step's picks read these logits
-        s += 1
+    if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
+        tl.store(cache_len_ptr, tl.where(tl.load(run_ptr) != 0, cache_len + T, cache_len))
 
 
 def supported(cfg) -> bool:
-    """Whether the kernel fits this decoder's shapes: heads tile the hidden size, a head's
+    """Whether the kernels fit this decoder's shapes: heads tile the hidden size, a head's
     halves are whole ``tl.dot`` tiles (power of two, >= 32) and K fits one 16-row tile."""
     hd = cfg.head_dim
     return (
@@ -595,64 +473,30 @@ def _interpreted(device) -> bool:
     return device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def resident_programs(kernel, device, per_sm: int) -> int:
-    """Programs of a persistent launch of the compiled ``kernel`` on ``device``: up to
-    ``per_sm`` on each SM, as many as its registers, shared memory and thread slots let be
-    resident at once (which the grid barrier needs)."""
-    import torch
-
-    props = torch.cuda.get_device_properties(device)
-    kernel._init_handles()  # loads the binary: its register count
-    threads = 32 * kernel.metadata.num_warps
-    regs = -(-kernel.n_regs * 32 // 256) * 256 * (threads // 32)  # allocated per warp, 256 at a time
-    by_regs = props.regs_per_multiprocessor // max(regs, 1)
-    by_shared = props.shared_memory_per_multiprocessor // (kernel.metadata.shared + 1024)  # +1 KiB reserved
-    by_threads = props.max_threads_per_multi_processor // threads
-    per_sm = min(per_sm, by_regs, by_shared, by_threads)
-    if per_sm < 1:
-        from ..errors import BackendError
-
-        raise BackendError(f"the fused decode kernel does not fit one SM of {props.name}; "
-                           "decode_kernels='torch' avoids it")
-    return props.multi_processor_count * per_sm
-
-
 class FusedDecoder:
-    """The decoder's weights stacked for the kernel (once per backend), and the launches of
-    decode steps and of the prefill on a ``DecodeState``'s buffers."""
+    """The decoder's weights packed for the kernels (once per backend), and the launch of one
+    decode step on a ``DecodeState``'s buffers."""
 
-    # Rows per GEMM tile (tl.dot needs >= 16) and output columns per task (few rows, one
-    # video's 10, take narrower blocks for more tasks); reduction chunk; heads columns per
-    # task; a split of the step's attention is ATTN_BLOCKS blocks of ATTN_BLOCK_N keys;
-    # _merge_task takes MERGE_BLOCK_S splits at a time; warps per program.
+    # Rows per GEMM tile (tl.dot needs >= 16), output columns per program and reduction
+    # chunk; a split of the attention is ATTN_BLOCKS blocks of ATTN_BLOCK_N keys; _merge
+    # takes MERGE_BLOCK_S splits at a time; warps per GEMM program.
     # (scripts/tune_triton_decode.py times alternatives on a GPU.)
+    # Few rows (one video: 10) take narrower column blocks, for more programs.
     BLOCK_R, BLOCK_N, BLOCK_K, HEADS_BLOCK_N = 16, 32, 64, 64
     FEW_ROWS, FEW_ROWS_BLOCK_N = 64, 16
     ATTN_BLOCKS, ATTN_BLOCK_N = 2, 64
-    MERGE_BLOCK_S = 16
-    # Batches of up to PICKS_ALONE rows have all their picks made by program 0 (no barrier).
-    PICKS_ALONE = 4
-    # Warps per program; software-pipelining stages of the step's kernel (1: none; 3,
-    # Triton's default, took the shared memory to 218 KiB, past many GPUs' limit).
-    NUM_WARPS, NUM_STAGES = 4, 1
-    # The prefill (~275 tokens a row; its own compilation): rows per GEMM tile, columns per
-    # task, queries and keys per attention block, pipelining stages.
-    PREFILL_BLOCK_R, PREFILL_BLOCK_N, PREFILL_BLOCK_Q, PREFILL_ATTN_BLOCK_N = 32, 32, 32, 64
-    PREFILL_NUM_STAGES = 1
-    # Programs per launch: PROGRAMS if set, else PROGRAMS_PER_SM on each SM where the
-    # compiled kernel's registers and shared memory let that many be resident (2 at most on
-    # an H200). One video's rows (<= FEW_ROWS) have too few tasks per phase to use a second
-    # program per SM (its step: 293 us with 1, 299 with 2); 45 tiles' step took 2427 us with
-    # 1 and 1842 with 2 (scripts/tune_triton_decode.py, 3000 keys).
-    PROGRAMS, PROGRAMS_PER_SM, FEW_ROWS_PROGRAMS_PER_SM = None, 2, 1
+    MERGE_BLOCK_S = 32
+    NUM_WARPS = 4
+    # The prefill (~200 tokens a row): rows per GEMM tile, queries per attention program.
+    PREFILL_BLOCK_R, PREFILL_BLOCK_Q = 32, 32
     # Under the interpreter (CPU tests) every Triton op costs ~0.1 ms of Python whatever its
-    # size, so the tiles are as large as the shapes allow (one program runs every task): the
-    # same kernel with far fewer tasks and ops. Only the summation order within a product
-    # (BLOCK_K chunks) and the attention splits differ from the GPU tiles.
+    # size, so the tiles are as large as the shapes allow: the same kernels with far fewer
+    # programs and ops. Only the summation order within a product (BLOCK_K chunks) and the
+    # attention splits differ from the GPU tiles.
     INTERPRETER_TILES = {
         "BLOCK_R": 32, "BLOCK_N": 128, "BLOCK_K": 256, "HEADS_BLOCK_N": 512, "FEW_ROWS_BLOCK_N": 128,
-        "ATTN_BLOCKS": 1, "ATTN_BLOCK_N": 512, "PREFILL_BLOCK_R": 256, "PREFILL_BLOCK_N": 128,
-        "PREFILL_BLOCK_Q": 256, "PREFILL_ATTN_BLOCK_N": 512,
+        "ATTN_BLOCKS": 1, "ATTN_BLOCK_N": 512, "MERGE_BLOCK_S": 16, "PREFILL_BLOCK_R": 256,
+        "PREFILL_BLOCK_Q": 256,
     }
 
     def __init__(self, backend):
@@ -662,32 +506,30 @@ class FusedDecoder:
         cfg = dec.cfg
         self.C, self.H, self.HD = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
         self.I, self.K, self.V = cfg.intermediate_size, cfg.num_multi_token_pred, cfg.vocab_size
-        self.NLAYERS = cfg.num_hidden_layers
         self.pad, self.eps = cfg.eos_token_id, float(cfg.rms_norm_eps)
         self.scale = float(dec.model.layers[0].self_attn.scaling)
         c = lambda t: t.detach().float().contiguous()
-        stack = lambda ts: torch.stack([c(t) for t in ts]).contiguous()
-        layers = dec.model.layers
         self.embed = c(dec.model.embed_tokens.weight)
-        # [Wq; Wk; Wv] and [Wg; Wu] are the backend's concatenations, stacked over layers.
-        w_qkv, w_gu = zip(*backend.fused_weights, strict=True)
-        self.n_in = stack([layer.input_layernorm.weight for layer in layers])
-        self.w_qkv = stack(w_qkv)
-        self.w_o = stack([layer.self_attn.o_proj.weight for layer in layers])
-        self.n_post = stack([layer.post_attention_layernorm.weight for layer in layers])
-        self.w_gu = stack(w_gu)
-        self.w_down = stack([layer.mlp.down_proj.weight for layer in layers])
+        # [Wq; Wk; Wv] and [Wg; Wu]: the backend's own concatenations (the same tensors in
+        # float32, where .float() copies nothing)
+        self.layers = []
+        for layer, (w_qkv, w_gu) in zip(dec.model.layers, backend.fused_weights, strict=True):
+            self.layers.append((
+                c(layer.input_layernorm.weight),
+                c(w_qkv),
+                c(layer.self_attn.o_proj.weight),
+                c(layer.post_attention_layernorm.weight),
+                c(w_gu),
+                c(layer.mlp.down_proj.weight),
+            ))
         self.final_norm = c(dec.model.norm.weight)
         self.w_heads = c(torch.cat([dec.lm_head.weight, dec.task_loss_prediction_head.weight]))
-        self.device = backend.device
-        self.interpreted = _interpreted(backend.device)
-        if self.interpreted:
+        if _interpreted(backend.device):
             for name, value in self.INTERPRETER_TILES.items():
                 setattr(self, name, value)
-        self.programs: dict[tuple, int] = {}  # by the launch's compile-time arguments
 
     def buffers(self, st) -> dict:
-        """The steps' and the prefill's scratch buffers for a state of (batch, capacity);
+        """The step's and the prefill's scratch buffers for a state of (batch, capacity);
         the prefill's RoPE tables (``pf_cos``/``pf_sin``) are filled by the caller."""
         import torch
 
@@ -702,25 +544,28 @@ class FusedDecoder:
             "pm": z(B * H * S * K), "pl": z(B * H * S * K), "pacc": z(B * H * S * K, HD),
             "ids": z(B, K, dtype=torch.int32), "picks": z(B, K, dtype=torch.int32),
             "left": z(B, dtype=torch.int32), "run": z(1, dtype=torch.int32),
-            "split_count": z(B * H, dtype=torch.int32),  # splits of each (row, head) done
             "pf_x": z(B * T, C), "pf_q": z(B, H, T, HD), "pf_y": z(B * T, C), "pf_act": z(B * T, self.I),
-            "pf_cos": z(B * T, HD), "pf_sin": z(B * T, HD),
-            # the grid barrier's [count, generation] and the timeout flag the host checks
-            "barrier": z(2, dtype=torch.int32), "error": z(1, dtype=torch.int32),
+            "pf_cos": z(B * T, HD), "pf_sin": z(B * T, HD), "pf_run": torch.ones(1, device=dev, dtype=torch.int32),
         }
 
-    def steps(self, st, n_steps: int = 1) -> None:
-        """Up to ``n_steps`` decode steps on ``st`` (a DecodeState with ``fused_buffers`` and
-        the frame's ``rope_cos`` / ``rope_sin``), in one launch that ends when the frame is
-        done: each step chooses, then runs the chosen tokens."""
+    def step(self, st) -> None:
+        """One decode step on ``st`` (a DecodeState with ``fused_buffers`` and the frame's
+        ``rope_cos`` / ``rope_sin``): choose, then run the chosen tokens."""
         b = st.fused_buffers
-        bn = self.FEW_ROWS_BLOCK_N if st.B * self.K <= self.FEW_ROWS else self.BLOCK_N
-        tiles = {"BLOCK_R": self.BLOCK_R, "BLOCK_N": bn, "ATTN_BLOCK_N": self.ATTN_BLOCK_N,
-                 "num_stages": self.NUM_STAGES}
-        self._launch(st, True, self.K, n_steps, b["ids"], b["ids"], st.rope_cos, st.rope_sin,
-                     b["x"], b["q"], b["y"], b["act"], tiles)
-
-    step = steps  # one step
+        B, K, V = st.B, self.K, self.V
+        _pick[(B,)](
+            st.logits, st.chosen, st.done, b["picks"], b["left"],
+            K=K, V=V, PAD=self.pad, BLOCK_V=_pow2(V), BLOCK_K=_pow2(K),
+        )
+        _select[(1,)](
+            b["picks"], b["left"], st.task_loss, st.chosen, st.finished, st.frame_tokens, st.frame_tokens.stride(0),
+            st.n_frame, st.cache_len, st.done, st.first, st.budget, st.requirement, st.has_requirement,
+            st.key_mask, st.key_mask.stride(0), b["ids"], b["run"], B,
+            K=K, V=V, PAD=self.pad, BLOCK_B=_pow2(B), BLOCK_K=_pow2(K),
+        )
+        bn = self.FEW_ROWS_BLOCK_N if B * K <= self.FEW_ROWS else self.BLOCK_N
+        self._forward(st, K, b["ids"], b["ids"], st.rope_cos, st.rope_sin, b["run"],
+                      b["x"], b["q"], b["y"], b["act"], self.BLOCK_R, bn)
 
     def prefill(self, st) -> None:
         """The frame's prefill on ``st``: its ``prefill_len`` tokens per row (the K pending
@@ -728,42 +573,55 @@ class FusedDecoder:
         with their key mask already in ``st.key_mask``; K/V into the cache, the heads of the
         last token into ``st.logits``/``st.task_loss``, the cache length advanced."""
         b = st.fused_buffers
-        tiles = {"BLOCK_R": self.PREFILL_BLOCK_R, "BLOCK_N": self.PREFILL_BLOCK_N,
-                 "ATTN_BLOCK_N": self.PREFILL_ATTN_BLOCK_N, "num_stages": self.PREFILL_NUM_STAGES}
-        self._launch(st, False, st.prefill_len, 1, st.pending_buf, st.vision_buf, b["pf_cos"], b["pf_sin"],
-                     b["pf_x"], b["pf_q"], b["pf_y"], b["pf_act"], tiles)
+        self._forward(st, st.prefill_len, st.pending_buf, st.vision_buf, b["pf_cos"], b["pf_sin"], b["pf_run"],
+                      b["pf_x"], b["pf_q"], b["pf_y"], b["pf_act"], self.PREFILL_BLOCK_R, self.BLOCK_N)
 
-    def _launch(self, st, step, T, n_steps, ids, vision, cos, sin, x, q, y, act, tiles) -> None:
+    def _forward(self, st, T, ids, vision, cos, sin, run, x, q, y, act, BR, BN) -> None:
+        """The decoder over T tokens per row (a step: T = K, split-K attention over the cache
+        then ``_merge``; the prefill: one program per block of queries), then the heads."""
         b = st.fused_buffers
-        args = [
-            st.logits, st.task_loss, st.chosen, st.finished, st.frame_tokens, st.frame_tokens.stride(0),
-            st.n_frame, st.cache_len, st.done, st.first, st.budget, st.requirement, st.has_requirement,
-            st.key_mask, st.key_mask.stride(0), st.k_cache, st.v_cache, st.k_cache.stride(0),
-            self.embed, self.n_in, self.w_qkv, self.w_o, self.n_post, self.w_gu, self.w_down,
-            self.final_norm, self.w_heads,
-            ids, vision, cos, sin, x, q, y, act, b["pm"], b["pl"], b["pacc"],
-            b["picks"], b["left"], b["ids"], b["run"], b["split_count"], b["barrier"], b["error"],
-            st.B, st.cap, b["S"], n_steps, self.eps, self.scale,
-        ]
-        consts = dict(
-            STEP=step, T=T, NLAYERS=self.NLAYERS, C=self.C, H=self.H, HD=self.HD, I=self.I, K=self.K,
-            V=self.V, PAD=self.pad, BLOCK_K=self.BLOCK_K, HEADS_BLOCK_R=16, HEADS_BLOCK_N=self.HEADS_BLOCK_N,
-            ATTN_BLOCKS=self.ATTN_BLOCKS, MERGE_BLOCK_S=self.MERGE_BLOCK_S, PREFILL_BLOCK_Q=self.PREFILL_BLOCK_Q,
-            PICKS_ALONE=self.PICKS_ALONE, BLOCK_C=_pow2(self.C), BLOCK_V=_pow2(self.V), BLOCK_B=_pow2(st.B), BLOCK_KP=_pow2(self.K),
-            STEP_BLOCK_Q=_pow2(max(self.K, 16)), num_warps=self.NUM_WARPS, **tiles,
-        )
-        # (Triton specialises on an int being 1; the rows decide the programs per SM)
-        key = tuple(sorted(consts.items())) + (st.B == 1, st.B * self.K <= self.FEW_ROWS)
-        G = self.programs.get(key)
-        if G is None:  # first launch of this kernel: compile it, then size the grid
-            if self.interpreted:
-                G = 1  # the interpreter runs programs one after another: one takes every task
-            elif self.PROGRAMS:
-                G = self.PROGRAMS
+        B, K, V, C, H, HD, I = st.B, self.K, self.V, self.C, self.H, self.HD, self.I
+        R, S = B * T, b["S"]
+        BK, nw = self.BLOCK_K, self.NUM_WARPS
+        BC = _pow2(C)
+        rows = triton.cdiv(R, BR)
+        split = self.ATTN_BLOCKS * self.ATTN_BLOCK_N
+        step = T == K
+        for i, (n_in, w_qkv, w_o, n_post, w_gu, w_down) in enumerate(self.layers):
+            _qkv[(rows, 3 * H)](
+                x, ids, self.embed, vision, n_in, w_qkv, cos, sin, q,
+                st.k_cache[i], st.v_cache[i], st.cache_len, run, R, st.cap, self.eps,
+                GATHER=i == 0, T=T, NG=K, C=C, H=H, HD=HD, BLOCK_R=BR, BLOCK_C=BC, BLOCK_K=BK, num_warps=nw,
+            )
+            if step:
+                _attention[(B * H, S)](
+                    q, st.k_cache[i], st.v_cache[i], st.key_mask, st.key_mask.stride(0), st.cache_len,
+                    run, b["pm"], b["pl"], b["pacc"], st.cap, S, self.scale,
+                    H=H, HD=HD, K=K, BLOCKS=self.ATTN_BLOCKS, BLOCK_N=self.ATTN_BLOCK_N, BLOCK_Q=_pow2(max(K, 16)),
+                )
+                _merge[(B * H,)](
+                    b["pm"], b["pl"], b["pacc"], y, st.cache_len, run, S,
+                    H=H, HD=HD, K=K, SPLIT=split, BLOCK_S=self.MERGE_BLOCK_S, BLOCK_Q=_pow2(K), num_warps=8,
+                )
             else:
-                kernel = _decoder.warmup(*args, 1, grid=(1,), **consts)
-                few = st.B * self.K <= self.FEW_ROWS
-                per_sm = self.FEW_ROWS_PROGRAMS_PER_SM if few else self.PROGRAMS_PER_SM
-                G = resident_programs(kernel, self.device, per_sm)
-            self.programs[key] = G
-        _decoder[(G,)](*args, G, **consts)
+                _attention_rows[(B * H, triton.cdiv(T, self.PREFILL_BLOCK_Q))](
+                    q, st.k_cache[i], st.v_cache[i], st.key_mask, st.key_mask.stride(0), st.cache_len, y,
+                    st.cap, self.scale, T=T, H=H, HD=HD, BLOCK_Q=self.PREFILL_BLOCK_Q, BLOCK_N=self.ATTN_BLOCK_N,
+                    num_warps=nw,
+                )
+            _linear_residual[(rows, triton.cdiv(C, BN))](
+                y, w_o, x, run, R, N=C, KD=C, BLOCK_R=BR, BLOCK_N=BN, BLOCK_K=BK, num_warps=nw,
+            )
+            _gate_up[(rows, triton.cdiv(I, BN))](
+                x, n_post, w_gu, act, run, R, self.eps,
+                C=C, I=I, BLOCK_R=BR, BLOCK_C=BC, BLOCK_N=BN, BLOCK_K=BK, num_warps=nw,
+            )
+            _linear_residual[(rows, triton.cdiv(C, BN))](
+                act, w_down, x, run, R, N=C, KD=I, BLOCK_R=BR, BLOCK_N=BN, BLOCK_K=BK, num_warps=nw,
+            )
+        NL = K * V
+        _heads[(triton.cdiv(B, self.BLOCK_R), triton.cdiv(NL + K, self.HEADS_BLOCK_N))](
+            x, self.final_norm, self.w_heads, st.logits, st.task_loss, st.cache_len, run, B, self.eps,
+            C=C, K=K, T=T, NL=NL, BLOCK_R=self.BLOCK_R, BLOCK_C=BC, BLOCK_N=self.HEADS_BLOCK_N, BLOCK_K=BK,
+            num_warps=nw,
+        )
