@@ -9,7 +9,7 @@ use bytemuck::{Pod, Zeroable};
 
 use crate::error::{Error, Result};
 use crate::gpu::buffer::{BindGroupBuilder, ParamArena, Recorder};
-use crate::gpu::context::GpuContext;
+use crate::gpu::context::{DeviceInfo, GpuContext};
 use crate::gpu::pipeline::{Kernel, PipelineKey};
 
 /// How the A operand is produced.
@@ -55,10 +55,23 @@ pub enum Tile {
     Gemv,
 }
 
-/// Rows up to which `Tile::Gemv` launches the `gemv` entry. On an H100 (Vulkan, 192-wide
-/// decoder) it took 14 us where Small's tiles took 23-33 us at M = 10, but 78-230 us where
-/// the tiles took 39-89 us at M = 450 (45 tiles), and 100 vs 58 us for the heads at M = 45.
+/// Rows up to which `Tile::Gemv` launches the `gemv` entry on a GPU. On an H100 (Vulkan,
+/// 192-wide decoder) it took 14 us where Small's tiles took 23-33 us at M = 10, but 78-230 us
+/// where the tiles took 39-89 us at M = 450 (45 tiles), and 100 vs 58 us for the heads at
+/// M = 45. CPU devices never use it: [`gemv_max_rows`].
 pub const GEMV_MAX_ROWS: u32 = 16;
+
+/// The `gemv` row limit for this device: [`GEMV_MAX_ROWS`], or 0 on a CPU device (lavapipe),
+/// where a workgroup's invocations run in turns between barriers, so the gemv entry's 64
+/// threads per two columns cost more than they hide: 4 frames of case a took 29.5 s of kernel
+/// time with it and 15.2 s with Small's tiles (2-core lavapipe).
+pub fn gemv_max_rows(info: &DeviceInfo) -> u32 {
+    if info.device_type == "Cpu" {
+        0
+    } else {
+        GEMV_MAX_ROWS
+    }
+}
 
 impl Tile {
     /// (TM, TN, RM, RN) of the `main` entry (`gemv` compiles beside it with Small's shape and
@@ -224,6 +237,8 @@ pub struct Matmul {
     /// `Tile::Gemv`: the `gemv` entry of the same source. Its bind group layout has the same
     /// entries, so the bind groups made for `kernel` serve it too (WebGPU group-equivalence).
     gemv: Option<Arc<Kernel>>,
+    /// Rows up to which `gemv` runs ([`gemv_max_rows`] of the device).
+    gemv_max_rows: u32,
 }
 
 impl Matmul {
@@ -240,7 +255,15 @@ impl Matmul {
             spec,
             kernel: ctx.kernel(&key)?,
             gemv,
+            gemv_max_rows: gemv_max_rows(&ctx.info),
         })
+    }
+
+    /// Overrides the device's `gemv` row limit (tests run the gemv entry on lavapipe too).
+    #[cfg(test)]
+    pub fn with_gemv_max_rows(mut self, rows: u32) -> Self {
+        self.gemv_max_rows = rows;
+        self
     }
 
     pub fn bind(
@@ -283,7 +306,7 @@ impl Matmul {
             return Err(Error::Backend("paired epilogue needs an even N".into()));
         }
         match &self.gemv {
-            Some(g) if p.m <= GEMV_MAX_ROWS => {
+            Some(g) if p.m <= self.gemv_max_rows => {
                 let (rows, _, _, _) = self.spec.tile.dims();
                 rec.dispatch(g, bg, p, [p.n.div_ceil(2), p.m.div_ceil(rows), 1])
             }
@@ -342,7 +365,10 @@ mod tests {
         xw_len: usize,
     ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
         let ctx = ctx();
-        let op = Matmul::new(ctx, spec).unwrap();
+        // The gemv entry is tested on every device, CPU ones included.
+        let op = Matmul::new(ctx, spec)
+            .unwrap()
+            .with_gemv_max_rows(GEMV_MAX_ROWS);
         let ab = ctx.storage_init("a", a).unwrap();
         let wb = ctx.storage_init("w", wts).unwrap();
         let ob = ctx.storage_init("out", out_init).unwrap();
