@@ -33,6 +33,7 @@ case "${1:-all}" in
   tune)  # launch configurations of the fused decoder kernels (scripts/tune_triton_decode.py)
     timeout "${TUNE_TIMEOUT:-250}" python3 scripts/tune_triton_decode.py --model "$AUTOGAZE_FIXTURES/model" \
       --block-n "${BLOCK_N:-16,32}" --batch "${BATCH:-1,45}" --attn "${ATTN:-2x64}" --warps "${WARPS:-4}" \
+      --prefill-attn "${PREFILL_ATTN:-4}" --prefill-q "${PREFILL_Q:-32}" \
       2>&1 | tee -a "$OUT/tune.log" ;;
 esac
 case "${1:-all}" in

@@ -1,8 +1,10 @@
-"""Times the torch backend's fused decode step (``backends/triton_decode.py``) on a GPU for
-several launch configurations: per-step time (a CUDA graph of the state restore + one step,
-minus the restore alone) and each kernel's time (torch.profiler).
+"""Times the torch backend's fused decoder kernels (``backends/triton_decode.py``) on a GPU
+for several launch configurations: the time of one decode step and of one prefill (a CUDA
+graph of the state restore + the launches, minus the restore alone) and each kernel's time
+(torch.profiler).
 
     python scripts/tune_triton_decode.py --model DIR [--batch 1,45] [--cache-len 3000]
+        [--prefill-attn 4,8,16] [--prefill-q 32,64]
 
 The state is mid-frame (nothing chosen yet, no task-loss stop), so every step runs all its
 kernels; the cache holds ``--cache-len`` keys.
@@ -32,16 +34,20 @@ def main(argv=None) -> int:
     p.add_argument("--block-n", default="16,32")
     p.add_argument("--attn", default="2x64,1x128,4x64", help="blocks per split x keys per block")
     p.add_argument("--warps", default="2,4")
+    p.add_argument("--prefill-attn", default="8", help="blocks of keys per split of the prefill's attention")
+    p.add_argument("--prefill-q", default="32", help="queries per block of the prefill's attention")
     p.add_argument("--reps", type=int, default=200)
     a = p.parse_args(argv)
     model = ag.AutoGaze.from_pretrained(a.model, backend="torch", device="cuda", decode_kernels="triton")
     be = model.backend
     g = torch.Generator(device="cuda").manual_seed(0)
     for B in [int(x) for x in a.batch.split(",")]:
-        for bn, attn, nw in itertools.product(a.block_n.split(","), a.attn.split(","), a.warps.split(",")):
+        grid = itertools.product(a.block_n.split(","), a.attn.split(","), a.warps.split(","),
+                                 a.prefill_attn.split(","), a.prefill_q.split(","))
+        for bn, attn, nw, pattn, pq in grid:
             blocks, abn = (int(x) for x in attn.split("x"))
             cfg = {"BLOCK_N": int(bn), "FEW_ROWS_BLOCK_N": int(bn), "ATTN_BLOCKS": blocks, "ATTN_BLOCK_N": abn,
-                   "NUM_WARPS": int(nw)}
+                   "NUM_WARPS": int(nw), "PREFILL_ATTN_BLOCKS": int(pattn), "PREFILL_BLOCK_Q": int(pq)}
             fused = type("Tuned", (FusedDecoder,), cfg)(be)
             be.fused = fused
             st = be.acquire_state(B, a.capacity)
@@ -58,8 +64,15 @@ def main(argv=None) -> int:
             st.chosen.zero_(); st.finished.zero_(); st.n_frame.zero_(); st.done.zero_()
             st.first.fill_(False); st.budget.fill_(265); st.has_requirement.fill_(False)
             st.cache_len.fill_(L)
-            saved = [t.clone() for t in (st.chosen, st.n_frame, st.done, st.cache_len, st.frame_tokens)]
+            # the prefill's tokens at slots L.. (positions, vision tokens, key mask)
+            pos = torch.arange(L, L + st.prefill_len, device="cuda")[None].expand(B, -1)
+            cos, sin = rope_cos_sin(be.model.gaze_decoder.model.inv_freq, pos)
+            st.fused_buffers["pf_cos"].copy_(cos.flatten(0, 1))
+            st.fused_buffers["pf_sin"].copy_(sin.flatten(0, 1))
+            st.vision_buf.normal_(generator=g)
+            st.key_mask[:, L : L + st.prefill_len] = True
             live = (st.chosen, st.n_frame, st.done, st.cache_len, st.frame_tokens)
+            saved = [t.clone() for t in live]
 
             def restore(live=live, saved=saved):
                 for t, v in zip(live, saved):
@@ -69,11 +82,17 @@ def main(argv=None) -> int:
                 restore()
                 fused.step(st)
 
+            def prefill(fused=fused, st=st, restore=restore):
+                restore()
+                fused.prefill(st)
+
             with torch.no_grad():
-                one(); one()  # compile
+                for fn in (one, prefill):
+                    fn(); fn()  # compile
                 torch.cuda.synchronize()
+                ran_prefill = int(st.cache_len) == L + st.prefill_len
                 graphs = {}
-                for name, fn in (("restore", restore), ("step", one)):
+                for name, fn in (("restore", restore), ("step", one), ("prefill", prefill)):
                     gr = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(gr):
                         fn()
@@ -87,18 +106,23 @@ def main(argv=None) -> int:
                         gr.replay()
                     e1.record(); torch.cuda.synchronize()
                     times[name] = e0.elapsed_time(e1) / a.reps * 1e3
+                graphs["step"].replay(); torch.cuda.synchronize()
                 ran = int(st.cache_len) == L + st.K
-                with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                    for _ in range(20):
-                        graphs["step"].replay()
-                    torch.cuda.synchronize()
-            per = defaultdict(lambda: [0, 0.0])
-            for e in prof.events():
-                if e.device_type == torch.autograd.DeviceType.CUDA and e.name.startswith("_"):
-                    per[e.name][0] += 1
-                    per[e.name][1] += e.device_time
-            ks = " ".join(f"{n}={us / c:.1f}" for n, (c, us) in sorted(per.items()))
-            print(f"B={B:3d} {cfg} step {times['step'] - times['restore']:7.1f} us (ran={ran}) | {ks}", flush=True)
+                kernels = {}
+                for name in ("step", "prefill"):
+                    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                        for _ in range(20):
+                            graphs[name].replay()
+                        torch.cuda.synchronize()
+                    per = defaultdict(lambda: [0, 0.0])
+                    for e in prof.events():
+                        if e.device_type == torch.autograd.DeviceType.CUDA and e.name.startswith("_"):
+                            per[e.name][0] += 1
+                            per[e.name][1] += e.device_time
+                    kernels[name] = " ".join(f"{n}={us / c:.1f}" for n, (c, us) in sorted(per.items()))
+            print(f"B={B:3d} {cfg} step {times['step'] - times['restore']:7.1f} us (ran={ran}) | {kernels['step']}\n"
+                  f"      prefill {times['prefill'] - times['restore']:7.1f} us (ran={ran_prefill}) | {kernels['prefill']}",
+                  flush=True)
             be.release_state(st)
             be.close()
     return 0

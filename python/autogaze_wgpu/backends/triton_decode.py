@@ -15,6 +15,10 @@ is:
 * ``_heads``: final RMSNorm of each row's last token, lm_head and the task-loss head, and
   the cache length advanced when the step ran.
 
+The prefill (``FusedDecoder.prefill``) runs the same kernels over a row's K pending slots and
+vision tokens, its attention split over the queries (blocks of PREFILL_BLOCK_Q) as well as
+the keys.
+
 Every kernel reads the step's ``run`` flag (written by ``_select``) and writes nothing when the
 frame is done, so the no-op steps at the end of a CUDA-graph launch cost a launch each and
 change no state. Lengths (cache length, frame length) are device scalars read by the kernels,
@@ -25,8 +29,9 @@ Arithmetic: float32 everywhere; products through ``tl.dot(..., input_precision="
 products + sums already did: logits agree to float32 noise, and tokens agree wherever the
 reference's own top-2 logits are further apart than that (docs/benchmarks.md).
 
-On CPU the kernels run under Triton's interpreter (``TRITON_INTERPRET=1``); the tests use it
-to check this path against the eager step in CI, which has no GPU.
+On CPU the kernels run under Triton's interpreter (``TRITON_INTERPRET=1``) with larger tiles
+(``INTERPRETER_TILES``); the tests use it to check this path against the eager step in CI,
+which has no GPU.
 """
 
 from __future__ import annotations
@@ -296,89 +301,72 @@ def _attend_block(
 def _attention(
     q_ptr, kc_ptr, vc_ptr, key_mask_ptr, km_stride, cache_len_ptr, run_ptr,
     pm_ptr, pl_ptr, pacc_ptr, cap, S, scale,
-    H: tl.constexpr, HD: tl.constexpr, K: tl.constexpr,
-    BLOCKS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr,
+    T: tl.constexpr, H: tl.constexpr, HD: tl.constexpr,
+    BLOCKS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr, UNROLL: tl.constexpr,
 ):
-    """The K step queries of one (row, head) against one split of the cache (BLOCKS x
-    BLOCK_N keys): causal (query k sees slots <= cache_len + k) and the key mask, softmax
-    statistics per split (max, sum, weighted values) into the partials for ``_merge``.
-    Splits past the step's last key do nothing (``_merge`` does not read them)."""
+    """BLOCK_Q of the T queries of one (row, head) (program axis 2; a decode step has T = K,
+    one block) against one split of the cache (axis 1: BLOCKS x BLOCK_N keys): causal (query
+    t sees slots <= cache_len + t) and the key mask, softmax statistics per split (max, sum,
+    weighted values) into the partials for ``_merge``. Splits past the block's last query do
+    nothing (``_merge`` does not read them). UNROLL unrolls the split's blocks (a step's
+    two: their loads issue together); the prefill's longer splits loop."""
     bh = tl.program_id(0)
     sp = tl.program_id(1)
+    qb = tl.program_id(2)
     b = bh // H
-    qs = tl.arange(0, BLOCK_Q)
+    qs = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
     d = tl.arange(0, HD)
-    qm = qs < K
-    q = tl.load(q_ptr + (bh * K + qs)[:, None] * HD + d[None, :], mask=qm[:, None], other=0.0)
+    qm = qs < T
+    q = tl.load(q_ptr + ((bh * T + qs).to(tl.int64) * HD)[:, None] + d[None, :], mask=qm[:, None], other=0.0)
     cache_len = tl.load(cache_len_ptr).to(tl.int32)
     run = tl.load(run_ptr) != 0
-    end = cache_len + K
+    end = cache_len + tl.minimum(T, (qb + 1) * BLOCK_Q)  # past the block's last query
     if run & (sp * BLOCKS * BLOCK_N < end):
         m_i = tl.full([BLOCK_Q], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_Q], tl.float32)
         acc = tl.zeros([BLOCK_Q, HD], tl.float32)
         kv = (bh * cap * HD).to(tl.int64)
-        for j in tl.static_range(BLOCKS):
-            kn = (sp * BLOCKS + j) * BLOCK_N + tl.arange(0, BLOCK_N)
-            m_i, l_i, acc = _attend_block(q, qs, kn, kv, kc_ptr, vc_ptr, key_mask_ptr + b * km_stride,
-                                          cache_len, end, scale, m_i, l_i, acc, HD)
-        o = (bh * S + sp) * K + qs
+        if UNROLL:
+            for j in tl.static_range(BLOCKS):
+                kn = (sp * BLOCKS + j) * BLOCK_N + tl.arange(0, BLOCK_N)
+                m_i, l_i, acc = _attend_block(q, qs, kn, kv, kc_ptr, vc_ptr, key_mask_ptr + b * km_stride,
+                                              cache_len, end, scale, m_i, l_i, acc, HD)
+        else:
+            for j in range(BLOCKS):
+                kn = (sp * BLOCKS + j) * BLOCK_N + tl.arange(0, BLOCK_N)
+                m_i, l_i, acc = _attend_block(q, qs, kn, kv, kc_ptr, vc_ptr, key_mask_ptr + b * km_stride,
+                                              cache_len, end, scale, m_i, l_i, acc, HD)
+        o = ((bh * S + sp) * T + qs).to(tl.int64)
         tl.store(pm_ptr + o, m_i, mask=qm)
         tl.store(pl_ptr + o, l_i, mask=qm)
         tl.store(pacc_ptr + o[:, None] * HD + d[None, :], acc, mask=qm[:, None])
 
 
 @triton.jit
-def _attention_rows(
-    q_ptr, kc_ptr, vc_ptr, key_mask_ptr, km_stride, cache_len_ptr, y_ptr, cap, scale,
-    T: tl.constexpr, H: tl.constexpr, HD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """The prefill's attention: BLOCK_Q of a row's T tokens (program axis 1) for one (row,
-    head) against every cache slot they may see, softmax over all of them; y is (B, T, H*HD).
-    A token that sees no key at all (a pad slot of the first frame, never attended and never
-    read out) gets 0 rather than 0/0."""
-    bh = tl.program_id(0)
-    b = bh // H
-    head = bh % H
-    qs = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    d = tl.arange(0, HD)
-    qm = qs < T
-    q = tl.load(q_ptr + ((bh * T + qs).to(tl.int64) * HD)[:, None] + d[None, :], mask=qm[:, None], other=0.0)
-    cache_len = tl.load(cache_len_ptr).to(tl.int32)
-    end = cache_len + tl.minimum(T, (tl.program_id(1) + 1) * BLOCK_Q)  # past the block's last query
-    m_i = tl.full([BLOCK_Q], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_Q], tl.float32)
-    acc = tl.zeros([BLOCK_Q, HD], tl.float32)
-    kv = (bh * cap * HD).to(tl.int64)
-    for k0 in range(0, end, BLOCK_N):
-        m_i, l_i, acc = _attend_block(q, qs, k0 + tl.arange(0, BLOCK_N), kv, kc_ptr, vc_ptr,
-                                      key_mask_ptr + b * km_stride, cache_len, end, scale, m_i, l_i, acc, HD)
-    y = tl.where((l_i > 0)[:, None], acc / tl.where(l_i > 0, l_i, 1.0)[:, None], 0.0)
-    tl.store(y_ptr + ((b * T + qs).to(tl.int64) * (H * HD))[:, None] + head * HD + d[None, :], y, mask=qm[:, None])
-
-
-@triton.jit
 def _merge(
     pm_ptr, pl_ptr, pacc_ptr, y_ptr, cache_len_ptr, run_ptr, S,
-    H: tl.constexpr, HD: tl.constexpr, K: tl.constexpr, SPLIT: tl.constexpr,
+    T: tl.constexpr, H: tl.constexpr, HD: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):
-    """softmax(scores) @ values of one (row, head) from the splits that hold keys (online
-    over chunks of BLOCK_S splits); y is (B, K, H*HD)."""
+    """softmax(scores) @ values for BLOCK_Q of the T queries of one (row, head) (program axis
+    1, the blocks of ``_attention``) from the splits that hold keys they see (online over
+    chunks of BLOCK_S splits); y is (B, T, H*HD). A query that sees no key at all (a pad slot
+    of the first frame's prefill, never attended and never read out) gets 0 rather than 0/0."""
     bh = tl.program_id(0)
+    qb = tl.program_id(1)
     b = bh // H
     head = bh % H
-    qs = tl.arange(0, BLOCK_Q)
+    qs = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
     d = tl.arange(0, HD)
-    qm = qs < K
-    used = tl.cdiv(tl.load(cache_len_ptr).to(tl.int32) + K, SPLIT)
+    qm = qs < T
+    used = tl.cdiv(tl.load(cache_len_ptr).to(tl.int32) + tl.minimum(T, (qb + 1) * BLOCK_Q), SPLIT)
     run = _run_flag(run_ptr, qs)
     m = tl.full([BLOCK_Q], float("-inf"), tl.float32)
     total = tl.zeros([BLOCK_Q], tl.float32)
     acc = tl.zeros([BLOCK_Q, HD], tl.float32)
     for s0 in range(0, used, BLOCK_S):
         ss = s0 + tl.arange(0, BLOCK_S)
-        o = (bh * S + ss)[:, None] * K + qs[None, :]  # (BLOCK_S, BLOCK_Q)
+        o = ((bh * S + ss)[:, None] * T + qs[None, :]).to(tl.int64)  # (BLOCK_S, BLOCK_Q)
         msk = (ss[:, None] < used) & qm[None, :]
         pm = tl.load(pm_ptr + o, mask=msk, other=float("-inf"))
         pl = tl.load(pl_ptr + o, mask=msk, other=0.0)
@@ -390,8 +378,9 @@ def _merge(
         total = total * alpha + tl.sum(w * pl, 0)
         acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * part, 0)
         m = m_new
-    y = acc / tl.where(qm, total, 1.0)[:, None]
-    tl.store(y_ptr + (b * K + qs)[:, None] * (H * HD) + head * HD + d[None, :], y, mask=(qm & run)[:, None])
+    y = tl.where((total > 0)[:, None], acc / tl.where(total > 0, total, 1.0)[:, None], 0.0)
+    at = ((b * T + qs).to(tl.int64) * (H * HD))[:, None] + head * HD + d[None, :]
+    tl.store(y_ptr + at, y, mask=(qm & run)[:, None])
 
 
 @triton.jit
@@ -487,8 +476,15 @@ class FusedDecoder:
     ATTN_BLOCKS, ATTN_BLOCK_N = 2, 64
     MERGE_BLOCK_S = 32
     NUM_WARPS = 4
-    # The prefill (~200 tokens a row): rows per GEMM tile, queries per attention program.
+    # The prefill (~200 tokens a row): rows per GEMM tile, queries per attention program; a
+    # split of its attention is PREFILL_ATTN_BLOCKS blocks of ATTN_BLOCK_N keys, merged
+    # PREFILL_MERGE_BLOCK_S at a time. On an H200 with 3000 keys, one video's prefill
+    # attention took 67 / 80 / 101 us a launch at 4 / 8 / 16 blocks a split against 143 us
+    # for one program per query block over every key (54 programs, ~50 key blocks each in
+    # turn); 45 tiles' 2.39 ms against 2.36 (scripts/tune_triton_decode.py). Unrolling the
+    # split's blocks (as the step does) took 8 blocks to 680 us, so the prefill loops.
     PREFILL_BLOCK_R, PREFILL_BLOCK_Q = 32, 32
+    PREFILL_ATTN_BLOCKS, PREFILL_MERGE_BLOCK_S = 4, 16
     # Under the interpreter (CPU tests) every Triton op costs ~0.1 ms of Python whatever its
     # size, so the tiles are as large as the shapes allow: the same kernels with far fewer
     # programs and ops. Only the summation order within a product (BLOCK_K chunks) and the
@@ -496,7 +492,7 @@ class FusedDecoder:
     INTERPRETER_TILES = {
         "BLOCK_R": 32, "BLOCK_N": 128, "BLOCK_K": 256, "HEADS_BLOCK_N": 512, "FEW_ROWS_BLOCK_N": 128,
         "ATTN_BLOCKS": 1, "ATTN_BLOCK_N": 512, "MERGE_BLOCK_S": 16, "PREFILL_BLOCK_R": 256,
-        "PREFILL_BLOCK_Q": 256,
+        "PREFILL_BLOCK_Q": 256, "PREFILL_ATTN_BLOCKS": 8,
     }
 
     def __init__(self, backend):
@@ -537,11 +533,13 @@ class FusedDecoder:
         T = st.prefill_len
         dev, f32 = st.k_cache.device, torch.float32
         S = triton.cdiv(st.cap, self.ATTN_BLOCKS * self.ATTN_BLOCK_N)
+        pS = triton.cdiv(st.cap, self.PREFILL_ATTN_BLOCKS * self.ATTN_BLOCK_N)
         z = lambda *shape, dtype=f32: torch.zeros(*shape, device=dev, dtype=dtype)
         return {
-            "S": S,
+            "S": S, "pf_S": pS,
             "x": z(B * K, C), "q": z(B, H, K, HD), "y": z(B * K, C), "act": z(B * K, self.I),
             "pm": z(B * H * S * K), "pl": z(B * H * S * K), "pacc": z(B * H * S * K, HD),
+            "pf_pm": z(B * H * pS * T), "pf_pl": z(B * H * pS * T), "pf_pacc": z(B * H * pS * T, HD),
             "ids": z(B, K, dtype=torch.int32), "picks": z(B, K, dtype=torch.int32),
             "left": z(B, dtype=torch.int32), "run": z(1, dtype=torch.int32),
             "pf_x": z(B * T, C), "pf_q": z(B, H, T, HD), "pf_y": z(B * T, C), "pf_act": z(B * T, self.I),
@@ -577,38 +575,36 @@ class FusedDecoder:
                       b["pf_x"], b["pf_q"], b["pf_y"], b["pf_act"], self.PREFILL_BLOCK_R, self.BLOCK_N)
 
     def _forward(self, st, T, ids, vision, cos, sin, run, x, q, y, act, BR, BN) -> None:
-        """The decoder over T tokens per row (a step: T = K, split-K attention over the cache
-        then ``_merge``; the prefill: one program per block of queries), then the heads."""
+        """The decoder over T tokens per row (a step: T = K; the prefill: the frame's tokens),
+        split-K attention over the cache then ``_merge``, then the heads."""
         b = st.fused_buffers
         B, K, V, C, H, HD, I = st.B, self.K, self.V, self.C, self.H, self.HD, self.I
-        R, S = B * T, b["S"]
+        R = B * T
         BK, nw = self.BLOCK_K, self.NUM_WARPS
         BC = _pow2(C)
         rows = triton.cdiv(R, BR)
-        split = self.ATTN_BLOCKS * self.ATTN_BLOCK_N
-        step = T == K
+        if T == K:  # a step: its K queries in one block
+            S, blocks, BQ, BS, part = b["S"], self.ATTN_BLOCKS, _pow2(max(K, 16)), self.MERGE_BLOCK_S, "p"
+        else:
+            S, blocks, BQ, BS, part = b["pf_S"], self.PREFILL_ATTN_BLOCKS, self.PREFILL_BLOCK_Q, self.PREFILL_MERGE_BLOCK_S, "pf_p"
+        pm, pl, pacc = b[part + "m"], b[part + "l"], b[part + "acc"]
+        q_blocks = triton.cdiv(T, BQ)
         for i, (n_in, w_qkv, w_o, n_post, w_gu, w_down) in enumerate(self.layers):
             _qkv[(rows, 3 * H)](
                 x, ids, self.embed, vision, n_in, w_qkv, cos, sin, q,
                 st.k_cache[i], st.v_cache[i], st.cache_len, run, R, st.cap, self.eps,
                 GATHER=i == 0, T=T, NG=K, C=C, H=H, HD=HD, BLOCK_R=BR, BLOCK_C=BC, BLOCK_K=BK, num_warps=nw,
             )
-            if step:
-                _attention[(B * H, S)](
-                    q, st.k_cache[i], st.v_cache[i], st.key_mask, st.key_mask.stride(0), st.cache_len,
-                    run, b["pm"], b["pl"], b["pacc"], st.cap, S, self.scale,
-                    H=H, HD=HD, K=K, BLOCKS=self.ATTN_BLOCKS, BLOCK_N=self.ATTN_BLOCK_N, BLOCK_Q=_pow2(max(K, 16)),
-                )
-                _merge[(B * H,)](
-                    b["pm"], b["pl"], b["pacc"], y, st.cache_len, run, S,
-                    H=H, HD=HD, K=K, SPLIT=split, BLOCK_S=self.MERGE_BLOCK_S, BLOCK_Q=_pow2(K), num_warps=8,
-                )
-            else:
-                _attention_rows[(B * H, triton.cdiv(T, self.PREFILL_BLOCK_Q))](
-                    q, st.k_cache[i], st.v_cache[i], st.key_mask, st.key_mask.stride(0), st.cache_len, y,
-                    st.cap, self.scale, T=T, H=H, HD=HD, BLOCK_Q=self.PREFILL_BLOCK_Q, BLOCK_N=self.ATTN_BLOCK_N,
-                    num_warps=nw,
-                )
+            _attention[(B * H, S, q_blocks)](
+                q, st.k_cache[i], st.v_cache[i], st.key_mask, st.key_mask.stride(0), st.cache_len,
+                run, pm, pl, pacc, st.cap, S, self.scale,
+                T=T, H=H, HD=HD, BLOCKS=blocks, BLOCK_N=self.ATTN_BLOCK_N, BLOCK_Q=BQ, UNROLL=T == K,
+                num_warps=nw,
+            )
+            _merge[(B * H, q_blocks)](
+                pm, pl, pacc, y, st.cache_len, run, S,
+                T=T, H=H, HD=HD, SPLIT=blocks * self.ATTN_BLOCK_N, BLOCK_S=BS, BLOCK_Q=BQ, num_warps=8,
+            )
             _linear_residual[(rows, triton.cdiv(C, BN))](
                 y, w_o, x, run, R, N=C, KD=C, BLOCK_R=BR, BLOCK_N=BN, BLOCK_K=BK, num_warps=nw,
             )
