@@ -30,7 +30,7 @@ $(PY):
 # Python dependencies (runtime + test extras); re-run only when pyproject.toml changes.
 $(STAMPS)/deps: pyproject.toml | $(PY) $(STAMPS)
 	$(PIP) install -q "maturin>=1.9,<2"
-	$(PIP) install -q numpy pillow safetensors tqdm torch "av==18.1.0" "wgpu==0.32.0" "pytest>=8" "hypothesis>=6.100" "ruff>=0.6" "atheris>=3.0,<4"
+	$(PIP) install -q numpy pillow safetensors tqdm torch "av==18.1.0" "wgpu==0.32.0" "pytest>=8" "hypothesis>=6.100" "ruff>=0.6,<0.18" "atheris>=3.0,<4"
 	touch $@
 
 venv: $(STAMPS)/deps

@@ -19,7 +19,6 @@ from conftest import (
     sha256,
 )
 
-from autogaze_wgpu.errors import InputError
 from autogaze_wgpu.outputs import GazeOutput
 
 GENERATE_CASES = ["a", "b", "c", "d", "e", "g1"]
