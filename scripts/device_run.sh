@@ -26,14 +26,14 @@ esac
 case "${1:-all}" in
   all|bench)
     timeout "${BENCH_TIMEOUT:-280}" python3 -m autogaze_wgpu.bench --model "$AUTOGAZE_FIXTURES/model" --repeat "${REPEAT:-5}" \
-      --backends "${BACKENDS:-reference,torch,torch-eager,wgpu}" --workloads "${WORKLOADS:-clip,no-stop,tiles45,stream,score,video1080}" \
+      --backends "${BACKENDS:-reference,torch,torch-eager,wgpu}" --workloads "${WORKLOADS:-clip,no-stop,clip788,tiles45,stream,score,video1080}" \
       --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" ;;
 esac
 case "${1:-all}" in
   tune)  # launch configurations of the fused decoder kernels (scripts/tune_triton_decode.py)
     timeout "${TUNE_TIMEOUT:-250}" python3 scripts/tune_triton_decode.py --model "$AUTOGAZE_FIXTURES/model" \
       --block-n "${BLOCK_N:-16,32}" --batch "${BATCH:-1,45}" --attn "${ATTN:-2x64}" --warps "${WARPS:-4}" \
-      --prefill-attn "${PREFILL_ATTN:-4}" --prefill-q "${PREFILL_Q:-32}" \
+      --prefill-attn "${PREFILL_ATTN:-4}" --prefill-q "${PREFILL_Q:-32}" ${TUNE_SET:-} \
       2>&1 | tee -a "$OUT/tune.log" ;;
 esac
 case "${1:-all}" in

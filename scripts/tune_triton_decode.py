@@ -4,7 +4,10 @@ graph of the state restore + the launches, minus the restore alone) and each ker
 (torch.profiler).
 
     python scripts/tune_triton_decode.py --model DIR [--batch 1,45] [--cache-len 3000]
-        [--prefill-attn 4,8,16] [--prefill-q 32,64]
+        [--prefill-attn 4,8,16] [--prefill-q 32,64] [--set PREFILL_BLOCK_R=32,64 ...]
+
+``--set NAME=V1,V2`` varies any other ``FusedDecoder`` setting (repeatable); the grid is the
+product of every list.
 
 The state is mid-frame (nothing chosen yet, no task-loss stop), so every step runs all its
 kernels; the cache holds ``--cache-len`` keys.
@@ -36,18 +39,24 @@ def main(argv=None) -> int:
     p.add_argument("--warps", default="2,4")
     p.add_argument("--prefill-attn", default="8", help="blocks of keys per split of the prefill's attention")
     p.add_argument("--prefill-q", default="32", help="queries per block of the prefill's attention")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=V1,V2",
+                   help="another FusedDecoder setting to vary (repeatable)")
     p.add_argument("--reps", type=int, default=200)
     a = p.parse_args(argv)
     model = ag.AutoGaze.from_pretrained(a.model, backend="torch", device="cuda", decode_kernels="triton")
     be = model.backend
     g = torch.Generator(device="cuda").manual_seed(0)
     for B in [int(x) for x in a.batch.split(",")]:
+        extra = [(name, [int(v) for v in values.split(",")])
+                 for name, values in (kv.split("=", 1) for kv in a.set)]
         grid = itertools.product(a.block_n.split(","), a.attn.split(","), a.warps.split(","),
-                                 a.prefill_attn.split(","), a.prefill_q.split(","))
-        for bn, attn, nw, pattn, pq in grid:
+                                 a.prefill_attn.split(","), a.prefill_q.split(","),
+                                 itertools.product(*(values for _, values in extra)))
+        for bn, attn, nw, pattn, pq, more in grid:
             blocks, abn = (int(x) for x in attn.split("x"))
-            cfg = {"BLOCK_N": int(bn), "FEW_ROWS_BLOCK_N": int(bn), "ATTN_BLOCKS": blocks, "ATTN_BLOCK_N": abn,
+            cfg = {"BLOCK_N": int(bn), "FEW_ROWS_BLOCK_N": int(bn), "ATTN_BLOCKS": blocks, "FEW_ROWS_ATTN_BLOCKS": blocks, "ATTN_BLOCK_N": abn,
                    "NUM_WARPS": int(nw), "PREFILL_ATTN_BLOCKS": int(pattn), "PREFILL_BLOCK_Q": int(pq)}
+            cfg.update({name: v for (name, _), v in zip(extra, more, strict=True)})
             fused = type("Tuned", (FusedDecoder,), cfg)(be)
             be.fused = fused
             st = be.acquire_state(B, a.capacity)
@@ -101,11 +110,12 @@ def main(argv=None) -> int:
                 for name, gr in graphs.items():
                     gr.replay(); torch.cuda.synchronize()
                     e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    reps = a.reps if name != "prefill" else max(a.reps // 4, 10)  # a prefill is ~10 steps
                     e0.record()
-                    for _ in range(a.reps):
+                    for _ in range(reps):
                         gr.replay()
                     e1.record(); torch.cuda.synchronize()
-                    times[name] = e0.elapsed_time(e1) / a.reps * 1e3
+                    times[name] = e0.elapsed_time(e1) / reps * 1e3
                 graphs["step"].replay(); torch.cuda.synchronize()
                 ran = int(st.cache_len) == L + st.K
                 kernels = {}

@@ -118,10 +118,12 @@ def _state_pair(fused_be, eager_be, B, seed, scenario):
 
 
 @pytest.mark.parametrize(
-    "scenario", ["plain", "first", "no-requirement", "exhausted", "finished-exhausted", "budget", "done"]
+    "scenario", ["plain", "first", "no-requirement", "exhausted", "finished-exhausted", "budget", "done", "batch"]
 )
 def test_fused_step_equals_the_eager_step(fused, eager, scenario):
-    B = 3
+    # "batch": 7 rows (70 token rows, past FusedDecoder.FEW_ROWS): on a GPU the batch tiles
+    # and attention splits; otherwise as "plain"
+    B = 7 if scenario == "batch" else 3
     a, b = _state_pair(fused.backend, eager.backend, B, seed=zlib.crc32(scenario.encode()) % 1000, scenario=scenario)
     with torch.no_grad():
         a._decode_step()

@@ -470,10 +470,12 @@ class FusedDecoder:
     # chunk; a split of the attention is ATTN_BLOCKS blocks of ATTN_BLOCK_N keys; _merge
     # takes MERGE_BLOCK_S splits at a time; warps per GEMM program.
     # (scripts/tune_triton_decode.py times alternatives on a GPU.)
-    # Few rows (one video: 10) take narrower column blocks, for more programs.
+    # Few rows (one video: 10) take narrower column blocks and shorter attention splits, for
+    # more programs. (H200, 3000 keys: 45 tiles' step attention took 229 / 203 / 385 us a
+    # launch at 2 / 4 / 8 blocks a split, docs/bench/h200-2026-12-04-tune-batch.log.)
     BLOCK_R, BLOCK_N, BLOCK_K, HEADS_BLOCK_N = 16, 32, 64, 64
-    FEW_ROWS, FEW_ROWS_BLOCK_N = 64, 16
-    ATTN_BLOCKS, ATTN_BLOCK_N = 2, 64
+    FEW_ROWS, FEW_ROWS_BLOCK_N, FEW_ROWS_ATTN_BLOCKS = 64, 16, 2
+    ATTN_BLOCKS, ATTN_BLOCK_N = 4, 64
     MERGE_BLOCK_S = 32
     NUM_WARPS = 4
     # The prefill (~200 tokens a row): rows per GEMM tile, queries per attention program; a
@@ -485,14 +487,17 @@ class FusedDecoder:
     # split's blocks (as the step does) took 8 blocks to 680 us, so the prefill loops.
     PREFILL_BLOCK_R, PREFILL_BLOCK_Q = 32, 32
     PREFILL_ATTN_BLOCKS, PREFILL_MERGE_BLOCK_S = 4, 16
+    # The prefill's GEMM tiles: output columns per program, warps per program.
+    PREFILL_BLOCK_N, PREFILL_NUM_WARPS = 32, 4
     # Under the interpreter (CPU tests) every Triton op costs ~0.1 ms of Python whatever its
     # size, so the tiles are as large as the shapes allow: the same kernels with far fewer
     # programs and ops. Only the summation order within a product (BLOCK_K chunks) and the
     # attention splits differ from the GPU tiles.
     INTERPRETER_TILES = {
         "BLOCK_R": 32, "BLOCK_N": 128, "BLOCK_K": 256, "HEADS_BLOCK_N": 512, "FEW_ROWS_BLOCK_N": 128,
-        "ATTN_BLOCKS": 1, "ATTN_BLOCK_N": 512, "MERGE_BLOCK_S": 16, "PREFILL_BLOCK_R": 256,
-        "PREFILL_BLOCK_Q": 256, "PREFILL_ATTN_BLOCKS": 8,
+        "ATTN_BLOCKS": 1, "FEW_ROWS_ATTN_BLOCKS": 1, "ATTN_BLOCK_N": 512, "MERGE_BLOCK_S": 16,
+        "PREFILL_BLOCK_R": 256, "PREFILL_BLOCK_Q": 256, "PREFILL_ATTN_BLOCKS": 8,
+        "PREFILL_BLOCK_N": 128,
     }
 
     def __init__(self, backend):
@@ -524,6 +529,10 @@ class FusedDecoder:
             for name, value in self.INTERPRETER_TILES.items():
                 setattr(self, name, value)
 
+    def _step_attn_blocks(self, B: int) -> int:
+        """Key blocks per split of a step's attention for B batch rows."""
+        return self.FEW_ROWS_ATTN_BLOCKS if B * self.K <= self.FEW_ROWS else self.ATTN_BLOCKS
+
     def buffers(self, st) -> dict:
         """The step's and the prefill's scratch buffers for a state of (batch, capacity);
         the prefill's RoPE tables (``pf_cos``/``pf_sin``) are filled by the caller."""
@@ -532,7 +541,7 @@ class FusedDecoder:
         B, K, C, H, HD = st.B, self.K, self.C, self.H, self.HD
         T = st.prefill_len
         dev, f32 = st.k_cache.device, torch.float32
-        S = triton.cdiv(st.cap, self.ATTN_BLOCKS * self.ATTN_BLOCK_N)
+        S = triton.cdiv(st.cap, self._step_attn_blocks(B) * self.ATTN_BLOCK_N)
         pS = triton.cdiv(st.cap, self.PREFILL_ATTN_BLOCKS * self.ATTN_BLOCK_N)
         z = lambda *shape, dtype=f32: torch.zeros(*shape, device=dev, dtype=dtype)
         return {
@@ -563,7 +572,7 @@ class FusedDecoder:
         )
         bn = self.FEW_ROWS_BLOCK_N if B * K <= self.FEW_ROWS else self.BLOCK_N
         self._forward(st, K, b["ids"], b["ids"], st.rope_cos, st.rope_sin, b["run"],
-                      b["x"], b["q"], b["y"], b["act"], self.BLOCK_R, bn)
+                      b["x"], b["q"], b["y"], b["act"], self.BLOCK_R, bn, self.NUM_WARPS)
 
     def prefill(self, st) -> None:
         """The frame's prefill on ``st``: its ``prefill_len`` tokens per row (the K pending
@@ -572,19 +581,20 @@ class FusedDecoder:
         last token into ``st.logits``/``st.task_loss``, the cache length advanced."""
         b = st.fused_buffers
         self._forward(st, st.prefill_len, st.pending_buf, st.vision_buf, b["pf_cos"], b["pf_sin"], b["pf_run"],
-                      b["pf_x"], b["pf_q"], b["pf_y"], b["pf_act"], self.PREFILL_BLOCK_R, self.BLOCK_N)
+                      b["pf_x"], b["pf_q"], b["pf_y"], b["pf_act"], self.PREFILL_BLOCK_R, self.PREFILL_BLOCK_N,
+                      self.PREFILL_NUM_WARPS)
 
-    def _forward(self, st, T, ids, vision, cos, sin, run, x, q, y, act, BR, BN) -> None:
+    def _forward(self, st, T, ids, vision, cos, sin, run, x, q, y, act, BR, BN, nw) -> None:
         """The decoder over T tokens per row (a step: T = K; the prefill: the frame's tokens),
         split-K attention over the cache then ``_merge``, then the heads."""
         b = st.fused_buffers
         B, K, V, C, H, HD, I = st.B, self.K, self.V, self.C, self.H, self.HD, self.I
         R = B * T
-        BK, nw = self.BLOCK_K, self.NUM_WARPS
+        BK = self.BLOCK_K
         BC = _pow2(C)
         rows = triton.cdiv(R, BR)
         if T == K:  # a step: its K queries in one block
-            S, blocks, BQ, BS, part = b["S"], self.ATTN_BLOCKS, _pow2(max(K, 16)), self.MERGE_BLOCK_S, "p"
+            S, blocks, BQ, BS, part = b["S"], self._step_attn_blocks(B), _pow2(max(K, 16)), self.MERGE_BLOCK_S, "p"
         else:
             S, blocks, BQ, BS, part = b["pf_S"], self.PREFILL_ATTN_BLOCKS, self.PREFILL_BLOCK_Q, self.PREFILL_MERGE_BLOCK_S, "pf_p"
         pm, pl, pacc = b[part + "m"], b[part + "l"], b[part + "acc"]

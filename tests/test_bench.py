@@ -1,0 +1,29 @@
+"""The benchmark script's workloads run and compare tokens across backends (CPU here; the
+timings themselves are not tested: docs/benchmarks.md has GPU numbers)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import MODEL_DIR
+
+from autogaze_wgpu import bench
+
+pytest.importorskip("torch")
+
+
+def test_clip788_runs_on_two_backends_with_the_same_tokens(capsys):
+    rows = bench.run(Path(MODEL_DIR), ["reference", "torch"], "cpu", repeat=1, workloads=["clip788"])
+    assert [r["backend"] for r in rows] == ["reference", "torch"]
+    assert all(r["slots"] == 16 * 49 for r in rows)  # gazing_ratio 0.186 of 265: 49 a frame, no stop
+    assert rows[0]["tokens_sha"] == rows[1]["tokens_sha"]
+    assert all(r["seconds"] > 0 for r in rows)
+    bench.print_table(rows)
+    table = capsys.readouterr().out
+    assert "clip788" in table and "same as reference" in table
+
+
+def test_unknown_workload_is_refused():
+    with pytest.raises(SystemExit, match="unknown workload"):
+        bench.workload(None, "clip999", None, None)
