@@ -120,14 +120,16 @@ class DecodeState:
         self.kv_len = capacity  # keys the decode step attends to (set per graph launch)
         self.steps_per_graph = backend.steps_per_sync
         self.key = (batch, capacity)
-        self.nbytes = 2 * self.k_cache.nbytes  # the KV cache dominates (graph pools not counted)
+        self.nbytes = 2 * self.k_cache.nbytes  # the KV cache (graph pools not counted)
         # The fused (Triton) decode step's scratch and the frame's RoPE table at the decode
         # positions; its kernels read the lengths from the device, so one graph serves all.
+        # (The prefill attention's partials are the largest scratch, ~11% of the KV cache.)
         self.fused = backend.fused
         if self.fused is not None:
             self.fused_buffers = self.fused.buffers(self)
             self.rope_cos = torch.zeros(batch, self.K, hs, device=dev, dtype=f32)
             self.rope_sin = torch.zeros_like(self.rope_cos)
+            self.nbytes += sum(t.nbytes for t in self.fused_buffers.values() if isinstance(t, torch.Tensor))
         self.reset()
 
     def reset(self) -> None:
