@@ -110,6 +110,12 @@ fn case_a_pixels() -> (Vec<f32>, Vec<usize>) {
     pixels_from_raw(raw, shape)
 }
 
+/// Case a's first [`FRAMES`] frames (the generate and score tests' clip).
+fn case_a_prefix() -> (Vec<f32>, Vec<usize>) {
+    let (px, shape) = case_a_pixels();
+    first_frames(&px, &shape, FRAMES)
+}
+
 /// The first `t` frames of a [B, T, C, H, W] clip.
 fn first_frames(px: &[f32], shape: &[usize], t: usize) -> (Vec<f32>, Vec<usize>) {
     let (b, full) = (shape[0], shape[1]);
@@ -214,8 +220,7 @@ fn parity_embed_a_and_d() {
 #[test]
 fn parity_generate_a_with_step_logits() {
     let e = engine();
-    let (px, shape) = case_a_pixels();
-    let (px, shape) = first_frames(&px, &shape, FRAMES);
+    let (px, shape) = case_a_prefix();
     let a = load_case("a");
     let (out, steps, stats) = e
         .generate_debug(&px, &shape, &params(shape[1], 0.75, Some(0.7)))
@@ -262,8 +267,7 @@ fn parity_generate_a_with_step_logits() {
 
 #[test]
 fn parity_generate_b_ratio_only() {
-    let (px, shape) = case_a_pixels();
-    let (px, shape) = first_frames(&px, &shape, FRAMES);
+    let (px, shape) = case_a_prefix();
     let out = engine()
         .generate(&px, &shape, &params(shape[1], 0.75, None))
         .expect("generate b");
@@ -275,8 +279,7 @@ fn parity_generate_b_ratio_only() {
 fn profiled_generate_b_is_the_same_generation() {
     let e = engine();
     let c = load_case("b");
-    let (px, shape) = case_a_pixels();
-    let (px, shape) = first_frames(&px, &shape, FRAMES);
+    let (px, shape) = case_a_prefix();
     let p = params(shape[1], 0.75, None);
     if !e.context().info.timestamp_inside_passes {
         let err = e
@@ -366,8 +369,7 @@ fn out_of_memory_fails_the_call_and_the_engine_stays_usable() {
 
 #[test]
 fn parity_generate_c_requirement_only() {
-    let (px, shape) = case_a_pixels();
-    let (px, shape) = first_frames(&px, &shape, FRAMES);
+    let (px, shape) = case_a_prefix();
     let out = engine()
         .generate(&px, &shape, &params(shape[1], 1.0, Some(0.7)))
         .expect("generate c");
@@ -527,8 +529,7 @@ fn check_scores(name: &str, px: &[f32], shape: &[usize]) {
 /// the vision in chunks of 2 frames (several submits).
 #[test]
 fn parity_score_a_and_e() {
-    let (px, shape) = case_a_pixels();
-    let (px, shape) = first_frames(&px, &shape, FRAMES);
+    let (px, shape) = case_a_prefix();
     check_scores("a", &px, &shape);
     engine().set_max_chunk_frames(2);
     check_scores("a", &px, &shape);

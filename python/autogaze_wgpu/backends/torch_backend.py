@@ -393,11 +393,14 @@ class TorchBackend(ReferenceBackend):
     name = "torch"
     # Decode states kept for reuse, least recently used first out. A stream with a horizon
     # takes one (a clip's size); an unbounded 16-frame stream walks five capacities (512 ..
-    # 8192 slots); so 8 keeps that and a few clip shapes. The byte bound (KV caches; a 45-tile
-    # clip's is ~1.8 GB) keeps big batches from piling up; the most recently released state is
-    # always kept.
+    # 8192 slots); so 8 keeps that and a few clip shapes. The byte bound (KV caches and the
+    # fused kernels' scratch; a 45-tile clip's KV cache is ~1.8 GB) keeps big batches from
+    # piling up; the most recently released state is always kept.
     MAX_CACHED_STATES = 8
     MAX_CACHED_BYTES = 4 << 30
+    # Default decode steps per graph launch: 1-4 measured within noise on an H200
+    # (docs/benchmarks.md, 2026-12-04).
+    STEPS_PER_SYNC = 4
 
     def __init__(
         self,
@@ -405,7 +408,7 @@ class TorchBackend(ReferenceBackend):
         weights,
         device: Optional[str] = None,
         precision: str = "float32",
-        steps_per_sync: Optional[int] = 4,
+        steps_per_sync: Optional[int] = None,
         cuda_graphs: bool = True,
         small_ops: Optional[bool] = None,
         decode_kernels: Optional[str] = None,
@@ -419,10 +422,10 @@ class TorchBackend(ReferenceBackend):
             device = "cuda" if torch.cuda.is_available() else "cpu"
         super().__init__(config, weights, device=device)
         self.precision = precision
-        # Decode steps per graph launch (one host read each; None: the default, 4). Steps
+        # Decode steps per graph launch (one host read each; None: STEPS_PER_SYNC). Steps
         # past the frame's end cost a step each, so more trades host reads for no-op steps.
         if steps_per_sync is None:
-            steps_per_sync = 4
+            steps_per_sync = self.STEPS_PER_SYNC
         if isinstance(steps_per_sync, bool) or not isinstance(steps_per_sync, int) or steps_per_sync < 1:
             raise InputError(f"steps_per_sync must be a positive int or None, got {steps_per_sync!r}")
         self.steps_per_sync = steps_per_sync
