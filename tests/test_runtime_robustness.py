@@ -176,11 +176,11 @@ def test_keyboard_interrupt_inside_the_torch_decode_loop():
     real = torch_backend.DecodeState._decode_step
     calls = []
 
-    def flaky(self):
+    def flaky(self, *args, **kwargs):
         calls.append(1)
         if len(calls) == 5:
             raise KeyboardInterrupt
-        return real(self)
+        return real(self, *args, **kwargs)
 
     torch_backend.DecodeState._decode_step = flaky
     try:

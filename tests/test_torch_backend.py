@@ -199,3 +199,63 @@ def test_steps_per_sync_keeps_the_tokens():
     ]
     for out in outs[1:]:
         np.testing.assert_array_equal(out.gazing_pos, outs[0].gazing_pos)
+
+
+def _spy_launches(monkeypatch) -> list:
+    """Records the key of every graph launch (or eager run) of the decode states."""
+    from autogaze_wgpu.backends import torch_backend
+
+    keys, real = [], torch_backend.DecodeState._run
+
+    def spy(self, key):
+        keys.append(key)
+        return real(self, key)
+
+    monkeypatch.setattr(torch_backend.DecodeState, "_run", spy)
+    return keys
+
+
+@pytest.mark.parametrize("n", [3, 4])
+def test_decode_launches_cover_the_budget_exactly(monkeypatch, n):
+    """49 slots at K = 10 a step: 5 steps a frame at most, the 5th choosing only (it always ends
+    the frame); the launches run exactly those, no masked no-op steps."""
+    model = ag.AutoGaze.from_pretrained(MODEL_DIR, backend="torch", device=DEVICE, steps_per_sync=n)
+    keys = _spy_launches(monkeypatch)
+    pv = case_pixel_values("a")[:, :2]
+    out = model.generate(pv, gazing_ratio=0.186)
+    assert (out.num_gazing_each_frame == 49).all()
+    steps = [k[2:] for k in keys if k[0] == "steps"]
+    assert [k[0] for k in keys] == ["prefill", "steps", "steps"] * 2 if n == 3 else ["prefill", "steps"] * 2
+    assert steps == ([(3, False), (1, True)] if n == 3 else [(4, True)]) * 2
+    # A task-loss stop ends a frame early: a host read after each launch, and no launch
+    # after the one where it happened (frame t took ceil(n_t / K) steps).
+    keys.clear()
+    stop = model.generate(pv, gazing_ratio=0.75, task_loss_requirement=0.7)
+    assert stop.if_padded_gazing.any() and (stop.num_gazing_each_frame < 198).all()
+    frames = " ".join("P" if k[0] == "prefill" else f"{k[2] + k[3]}" for k in keys).split("P")[1:]
+    for launched, n_t in zip(frames, stop.num_gazing_each_frame, strict=True):
+        runs = [int(x) for x in launched.split()]
+        assert sum(runs) - n < -(-int(n_t) // 10) <= sum(runs), (runs, n_t)
+
+
+def test_known_frame_end_is_checked(torch_model):
+    """A frame without task-loss stop ends where the host worked it out (no status read);
+    ``verify`` compares that with the device afterwards and a mismatch is an error."""
+    from autogaze_wgpu.backends.torch_backend import DecodeState
+
+    be = torch_model.backend
+    st = be.acquire_state(1, be.capacity(1, [26]))
+    try:
+        emb = be.embed(case_pixel_values("a")[:, :1])
+        with torch.no_grad():
+            tokens = st.frame(emb[:, 0], 26, None)
+        assert tokens.shape == (1, 26) and st.expected_status == [1, 26, st.length]
+        assert st.status.tolist() == st.expected_status
+        st.verify()  # agrees
+        assert st.expected_status is None
+        st.expected_status = [1, 25, st.length]
+        with pytest.raises(ag.BackendError, match="internal error: decode status"):
+            st.verify()
+    finally:
+        be.release_state(st)
+    assert isinstance(st, DecodeState)

@@ -13,9 +13,12 @@ per-frame loop runs:
   too), else the eager torch step below (``decode_kernels``);
 * steps after a frame is done are no-ops on the state (their writes land past the valid
   length, or are masked off), so the host checks the done flag once per graph launch instead
-  of every step;
+  of every step; the launches run at most the ceil(budget / K) steps a frame can take, the
+  last of them choosing only (``DecodeState.frame``);
 * the host reads one small status tensor (done flag, frame length, cache length) per graph
-  launch, and nothing else per frame; the tokens of a clip come to the host in one copy;
+  launch when a task-loss stop can end a frame early, and nothing at all when none can (the
+  frame's end is then known: the clip is queued without waiting); the tokens of a clip come
+  to the host in one copy;
 * decode states (buffers + graphs) are cached per shape in a small LRU that streaming
   sessions share, so a new session or a ``reset()`` does not recapture graphs.
 
@@ -30,7 +33,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import math
 import os
 import sys
 import threading
@@ -135,6 +137,7 @@ class DecodeState:
     def reset(self) -> None:
         """Back to an empty sequence (the buffers and any captured graph are kept)."""
         self.length = 0  # host copy of the cache length between frames
+        self.expected_status: Optional[list[int]] = None  # see verify()
         self.key_mask.zero_()
         self.pending: Optional["torch.Tensor"] = None
 
@@ -219,20 +222,37 @@ class DecodeState:
         self._run(("prefill", self.cap if self.fused is not None else self._bucket(self.length + L)))
         self.length += L
 
-        # 2. Decode steps: device-side state only.
-        max_steps = math.ceil(budget / K) + 1
+        # 2. Decode steps: device-side state only. Every step that does not end the frame
+        #    adds K slots (the reference's loop stops at the budget or on exhaustion), so a
+        #    frame takes at most ceil(budget / K) steps and the last of them always ends it:
+        #    it only chooses (its tokens wait for the next prefill). The graph launches cover
+        #    exactly that: up to steps_per_graph full steps each, the last launch ending with
+        #    the choosing-only step. With no task-loss stop and a budget the ids cover (no
+        #    exhaustion) the frame takes every one of those steps, so its end is known here
+        #    and the host reads nothing (``verify`` checks it later).
+        bound = max(1, -(-budget // K))
+        full = bound - 1
+        known = requirement is None and budget < self.V
         if self.fused is not None:
             kv_len = self.cap  # the kernels bound the keys themselves: one graph
         else:
-            kv_len = self._bucket(self.length + (max_steps + 1) * K)
-        for _ in range(0, max_steps, self.steps_per_graph):
-            self._run(("steps", kv_len))
+            kv_len = self._bucket(self.length + (bound + 1) * K)
+        while True:
+            n = min(self.steps_per_graph, full)
+            full -= n
+            self._run(("steps", kv_len, n, full == 0))
+            if known:
+                if full == 0:
+                    n_t, cache_len = budget, self.length + (bound - 1) * K
+                    self.expected_status = [1, n_t, cache_len]
+                    break
+                continue
             # The one host sync per graph launch: done flag, frame length and cache length.
             done, n_t, cache_len = self.status.tolist()
             if done:
                 break
-        else:  # pragma: no cover - the budget bounds the steps
-            raise BackendError("decode loop did not finish within the budget")
+            if full == 0:  # pragma: no cover - the budget bounds the steps
+                raise BackendError("decode loop did not finish within the budget")
 
         # 3. Frame end (no further sync): its run steps take their final mask; the last step
         #    waits for the next prefill.
@@ -242,6 +262,18 @@ class DecodeState:
         self.length += n_run
         self.pending = tokens[:, n_run:]
         return tokens
+
+    def verify(self) -> None:
+        """Checks the device's status after the last frame whose end ``frame`` worked out on
+        the host without reading it (see step 2 there); a mismatch is a bug in this backend."""
+        want, self.expected_status = self.expected_status, None
+        if want is not None:
+            got = self.status.tolist()
+            if got != want:
+                raise BackendError(
+                    f"internal error: decode status {got} (done, frame slots, cache length) "
+                    f"after a frame without task-loss stop, expected {want}"
+                )
 
     def _bucket(self, n: int) -> int:
         """Keys attended to by a launch: n rounded up to KV_BUCKET (one graph per bucket)."""
@@ -282,11 +314,11 @@ class DecodeState:
         self.done.zero_()
         self.first.fill_(True)
 
-    def _run(self, key: tuple[str, int]) -> None:
-        """Runs ``("prefill", kv_len)`` or ``("steps", kv_len)``: its CUDA graph (captured on
-        first use) on CUDA, else eagerly."""
-        what, kv_len = key
-        fn = (lambda: self._prefill(kv_len)) if what == "prefill" else (lambda: self._steps(kv_len))
+    def _run(self, key: tuple) -> None:
+        """Runs ``("prefill", kv_len)`` or ``("steps", kv_len, n_full, choose_last)``: its
+        CUDA graph (captured on first use) on CUDA, else eagerly."""
+        what, kv_len, *steps = key
+        fn = (lambda: self._prefill(kv_len)) if what == "prefill" else (lambda: self._steps(kv_len, *steps))
         if not self.backend.use_cuda_graphs:
             fn()
             return
@@ -295,11 +327,14 @@ class DecodeState:
             graph = self.graphs[key] = self._capture(fn)
         graph.replay()
 
-    def _steps(self, kv_len: int) -> None:
-        """What one graph launch runs: ``steps_per_graph`` decode steps, then the status."""
+    def _steps(self, kv_len: int, n_full: int, choose_last: bool) -> None:
+        """What one graph launch runs: ``n_full`` decode steps, then (``choose_last``) the
+        frame's last possible step, which only chooses; then the status."""
         self.kv_len = kv_len
-        for _ in range(self.steps_per_graph):
+        for _ in range(n_full):
             self._decode_step()
+        if choose_last:
+            self._decode_step(run_tokens=False)
         torch.stack([self.done.long(), self.n_frame, self.cache_len], out=self.status)
 
     def _capture(self, fn) -> "torch.cuda.CUDAGraph":
@@ -328,12 +363,14 @@ class DecodeState:
             self.decode_pos,
         ]
 
-    def _decode_step(self) -> None:
+    def _decode_step(self, run_tokens: bool = True) -> None:
         """One decode step as in ``select_step`` + running the tokens, without host syncs.
         When the frame is already done it changes nothing that is read later. With the
-        fused kernels (``triton_decode``) the same step is 27 Triton launches."""
+        fused kernels (``triton_decode``) the same step is 27 Triton launches.
+        ``run_tokens=False`` for a step that is known to end the frame (see ``frame``): the
+        choice alone, which is all such a step does."""
         if self.fused is not None:
-            self.fused.step(self)
+            self.fused.step(self, run_tokens)
             return
         B, K, pad = self.B, self.K, self.pad
         neg_inf = float("-inf")
@@ -371,6 +408,8 @@ class DecodeState:
         run_now = active & ~done
         self.first &= ~active
         self.done.copy_(done)
+        if not run_tokens:
+            return
 
         # Run the step's tokens at the quirky positions. Their slots get mask 1 only if the
         # step really runs; otherwise the writes sit past the valid cache length.
@@ -422,8 +461,9 @@ class TorchBackend(ReferenceBackend):
             device = "cuda" if torch.cuda.is_available() else "cpu"
         super().__init__(config, weights, device=device)
         self.precision = precision
-        # Decode steps per graph launch (one host read each; None: STEPS_PER_SYNC). Steps
-        # past the frame's end cost a step each, so more trades host reads for no-op steps.
+        # Decode steps per graph launch at most (None: STEPS_PER_SYNC). With a task-loss
+        # requirement each launch is one host read and the steps after the frame's stop cost
+        # a step each, so more trades host reads for no-op steps (DecodeState.frame).
         if steps_per_sync is None:
             steps_per_sync = self.STEPS_PER_SYNC
         if isinstance(steps_per_sync, bool) or not isinstance(steps_per_sync, int) or steps_per_sync < 1:
@@ -565,6 +605,7 @@ class TorchBackend(ReferenceBackend):
             st = self.acquire_state(B, self.capacity(T, budgets))
             try:
                 tokens = [st.frame(emb[:, t], budgets[t], task_loss_requirement) for t in range(T)]
+                st.verify()
             finally:
                 self.release_state(st)
         # One device-to-host copy for the clip (the outputs are assembled on the host); the
@@ -613,7 +654,9 @@ class TorchStream:
         with be.mode():
             emb, self.conv_cache = be.model.embed(be.as_tensor(frame), self.conv_cache)
             st = self._ensure_capacity(budget)
-            return st.frame(emb[:, 0].float(), budget, task_loss_requirement).cpu().numpy()
+            tokens = st.frame(emb[:, 0].float(), budget, task_loss_requirement).cpu().numpy()
+            st.verify()
+            return tokens
 
     def reset(self) -> None:
         """Forgets the history (KV cache, conv cache, pending last step): the next ``step``

@@ -555,9 +555,9 @@ class FusedDecoder:
             "pf_cos": z(B * T, HD), "pf_sin": z(B * T, HD), "pf_run": torch.ones(1, device=dev, dtype=torch.int32),
         }
 
-    def step(self, st) -> None:
+    def step(self, st, run_tokens: bool = True) -> None:
         """One decode step on ``st`` (a DecodeState with ``fused_buffers`` and the frame's
-        ``rope_cos`` / ``rope_sin``): choose, then run the chosen tokens."""
+        ``rope_cos`` / ``rope_sin``): choose, then (``run_tokens``) run the chosen tokens."""
         b = st.fused_buffers
         B, K, V = st.B, self.K, self.V
         _pick[(B,)](
@@ -570,6 +570,8 @@ class FusedDecoder:
             st.key_mask, st.key_mask.stride(0), b["ids"], b["run"], B,
             K=K, V=V, PAD=self.pad, BLOCK_B=_pow2(B), BLOCK_K=_pow2(K),
         )
+        if not run_tokens:
+            return
         bn = self.FEW_ROWS_BLOCK_N if B * K <= self.FEW_ROWS else self.BLOCK_N
         self._forward(st, K, b["ids"], b["ids"], st.rope_cos, st.rope_sin, b["run"],
                       b["x"], b["q"], b["y"], b["act"], self.BLOCK_R, bn, self.NUM_WARPS)
