@@ -1,7 +1,7 @@
 """Times the torch backend's fused decoder kernels (``backends/triton_decode.py``) on a GPU
-for several launch configurations: the time of one decode step and of one prefill (a CUDA
-graph of the state restore + the launches, minus the restore alone) and each kernel's time
-(torch.profiler).
+for several launch configurations: the time of one decode step and of one frame's prefill
+(``DecodeState._prefill``: a CUDA graph of the state restore + the launches, minus the
+restore alone) and each kernel's time (torch.profiler).
 
     python scripts/tune_triton_decode.py --model DIR [--batch 1,45] [--cache-len 3000]
         [--prefill-attn 4,8,16] [--prefill-q 32,64] [--set PREFILL_BLOCK_R=32,64 ...]
@@ -91,9 +91,9 @@ def main(argv=None) -> int:
                 restore()
                 fused.step(st)
 
-            def prefill(fused=fused, st=st, restore=restore):
+            def prefill(st=st, restore=restore):  # the whole prefill (torch GEMMs for large batches)
                 restore()
-                fused.prefill(st)
+                st._prefill(st.cap)
 
             with torch.no_grad():
                 for fn in (one, prefill):

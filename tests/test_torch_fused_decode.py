@@ -184,3 +184,42 @@ def test_triton_loads_after_lavapipe_in_one_process():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), (r.returncode, r.stderr[-2000:])
+
+
+def test_prefill_with_cublas_gemms_equals_the_triton_prefill(fused, monkeypatch):
+    """A large batch's prefill (PREFILL_TORCH_GEMM_ROWS) runs the layers' GEMMs through torch
+    (cuBLAS on a GPU) around the Triton attention: the same cache, heads and decode state as
+    the all-Triton prefill, to float32 noise; and a clip through it gives the reference's
+    tokens."""
+    be = fused.backend
+    pv = case_pixel_values("a")[:, :2]
+    emb = be.embed(np.concatenate([pv, pv[:, ::-1]]))  # 2 rows, 2 frames
+    calls, real = [], type(be.fused).prefill_attention
+    monkeypatch.setattr(type(be.fused), "prefill_attention", lambda *a: calls.append(1) or real(*a))
+    states, tokens = [], []
+    for rows in (1 << 30, 0):  # all Triton, then torch GEMMs from any size
+        monkeypatch.setattr(type(be.fused), "PREFILL_TORCH_GEMM_ROWS", rows)
+        st = be.acquire_state(2, be.capacity(2, [26, 26]))
+        with torch.no_grad():  # the second frame's prefill runs the first's pending step
+            tokens.append([st.frame(emb[:, t], 26, 0.7) for t in range(2)])
+        states.append(st)
+    assert len(calls) == 2 * 4  # the second run's two prefills, one call a layer
+    for x, y in zip(*tokens, strict=True):
+        assert torch.equal(x, y)
+    a, b = states
+    L = int(a.cache_len)
+    assert L == int(b.cache_len) and L > 400
+    torch.testing.assert_close(a.k_cache[:, :, :, :L], b.k_cache[:, :, :, :L], atol=1e-3, rtol=0)
+    torch.testing.assert_close(a.v_cache[:, :, :, :L], b.v_cache[:, :, :, :L], atol=1e-3, rtol=0)
+    torch.testing.assert_close(a.logits, b.logits, atol=1e-3, rtol=0)
+    torch.testing.assert_close(a.task_loss, b.task_loss, atol=5e-5, rtol=0)
+    for name in ("decode_pos", "rope_cos", "rope_sin", "key_mask", "chosen", "n_frame", "done"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    for st in states:
+        be.release_state(st)
+    be.close()
+    ref = ag.AutoGaze.from_pretrained(MODEL_DIR, backend="reference", device=DEVICE)
+    kw = {"gazing_ratio": 0.1, "task_loss_requirement": 0.7}
+    got, want = fused.generate(pv, **kw), ref.generate(pv, **kw)
+    np.testing.assert_array_equal(got.gazing_pos, want.gazing_pos)
+    np.testing.assert_array_equal(got.if_padded_gazing, want.if_padded_gazing)

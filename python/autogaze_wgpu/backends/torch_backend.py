@@ -142,10 +142,11 @@ class DecodeState:
         self.pending: Optional["torch.Tensor"] = None
 
     # -- the decoder on static buffers ------------------------------------------------------
-    def _layers(self, x, position_ids, start, bias, kv_len):
+    def _layers(self, x, position_ids, start, bias, kv_len, attend=None):
         """Runs x (B, L, C) whose K/V go to cache slots start + [0, L); attends to the first
-        ``kv_len`` slots with ``bias`` (B, 1, L, kv_len). ``start`` is a host int or a 0-d
-        device tensor. Returns the heads at the last position."""
+        ``kv_len`` slots with ``bias`` (B, 1, L, kv_len), or through ``attend(layer, q)``
+        (q (B, nh, L, hd) -> (B, L, C), the cache already written). ``start`` is a host int
+        or a 0-d device tensor. Returns the heads at the last position."""
         dec = self.backend.model.gaze_decoder
         cos, sin = rope_cos_sin(dec.model.inv_freq, position_ids)
         cos, sin = cos[:, None], sin[:, None]
@@ -173,15 +174,19 @@ class DecodeState:
             # The cache stays float32 in every mode (.to is a no-op in float32).
             self.k_cache[i].index_copy_(2, slots, k.to(self.k_cache.dtype))
             self.v_cache[i].index_copy_(2, slots, v.to(self.v_cache.dtype))
-            keys, values = self.k_cache[i][:, :, :kv_len], self.v_cache[i][:, :, :kv_len]
-            if small:  # (B, nh, L, kv): products + sums instead of tiny fp32 batched GEMMs
-                att = (q[:, :, :, None, :] * keys[:, :, None]).sum(-1) * attn.scaling + bias
-                p = F.softmax(att, dim=-1, dtype=torch.float32)
-                y = (p[..., None] * values[:, :, None]).sum(-2)
+            if attend is not None:
+                y = attend(i, q.contiguous())
             else:
-                att = torch.matmul(q, keys.transpose(2, 3)) * attn.scaling + bias
-                y = torch.matmul(F.softmax(att, dim=-1, dtype=torch.float32), values)
-            x = x + lin(y.transpose(1, 2).reshape(B, L, -1), w[attn.o_proj])
+                keys, values = self.k_cache[i][:, :, :kv_len], self.v_cache[i][:, :, :kv_len]
+                if small:  # (B, nh, L, kv): products + sums instead of tiny fp32 batched GEMMs
+                    att = (q[:, :, :, None, :] * keys[:, :, None]).sum(-1) * attn.scaling + bias
+                    p = F.softmax(att, dim=-1, dtype=torch.float32)
+                    y = (p[..., None] * values[:, :, None]).sum(-2)
+                else:
+                    att = torch.matmul(q, keys.transpose(2, 3)) * attn.scaling + bias
+                    y = torch.matmul(F.softmax(att, dim=-1, dtype=torch.float32), values)
+                y = y.transpose(1, 2).reshape(B, L, -1)
+            x = x + lin(y, w[attn.o_proj])
             m = layer.mlp
             hm = layer.post_attention_layernorm(x)
             if small:
@@ -293,13 +298,23 @@ class DecodeState:
         self.key_mask.index_copy_(1, slots, ok)
         positions = (self.key_mask.long().cumsum(-1).index_select(1, slots) - 1).masked_fill_(~ok, 1)
         self.decode_pos.copy_(positions[:, -K:])  # quirk: reused by every decode step
-        if self.fused is not None:  # the Triton kernels (they advance the cache length)
+        if self.fused is not None:  # the frame's RoPE at the decode positions, for the steps
+            cos, sin = rope_cos_sin(dec.model.inv_freq, positions[:, -K:])
+            self.rope_cos.copy_(cos)
+            self.rope_sin.copy_(sin)
+        if self.fused is not None and self.B * self.prefill_len >= self.fused.PREFILL_TORCH_GEMM_ROWS:
+            # a large batch: the layers' GEMMs through cuBLAS (float32), the attention Triton's
+            x = torch.cat([dec.model.embed_tokens(self.pending_buf), self.vision_buf], dim=1)
+            attend = lambda i, q: self.fused.prefill_attention(self, i, q)  # noqa: E731
+            logits, task_loss = self._layers(x, positions, self.cache_len, None, kv_len, attend)
+            self.logits.copy_(logits)
+            self.task_loss.copy_(task_loss)
+            self.cache_len += slots.shape[0]
+        elif self.fused is not None:  # the Triton kernels (they advance the cache length)
             cos, sin = rope_cos_sin(dec.model.inv_freq, positions)
             fb = self.fused_buffers
             fb["pf_cos"].copy_(cos.flatten(0, 1))
             fb["pf_sin"].copy_(sin.flatten(0, 1))
-            self.rope_cos.copy_(cos[:, -K:])
-            self.rope_sin.copy_(sin[:, -K:])
             self.fused.prefill(self)
         else:
             x = torch.cat([dec.model.embed_tokens(self.pending_buf), self.vision_buf], dim=1)

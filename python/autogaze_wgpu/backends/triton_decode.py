@@ -302,14 +302,14 @@ def _attention(
     q_ptr, kc_ptr, vc_ptr, key_mask_ptr, km_stride, cache_len_ptr, run_ptr,
     pm_ptr, pl_ptr, pacc_ptr, cap, S, scale,
     T: tl.constexpr, H: tl.constexpr, HD: tl.constexpr,
-    BLOCKS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr, UNROLL: tl.constexpr,
+    BLOCKS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):
     """BLOCK_Q of the T queries of one (row, head) (program axis 2; a decode step has T = K,
     one block) against one split of the cache (axis 1: BLOCKS x BLOCK_N keys): causal (query
     t sees slots <= cache_len + t) and the key mask, softmax statistics per split (max, sum,
     weighted values) into the partials for ``_merge``. Splits past the block's last query do
-    nothing (``_merge`` does not read them). UNROLL unrolls the split's blocks (a step's
-    two: their loads issue together); the prefill's longer splits loop."""
+    nothing (``_merge`` does not read them). The split's blocks loop (unrolled, the step's
+    were as fast for one video and slower for 45 tiles, the prefill's much slower)."""
     bh = tl.program_id(0)
     sp = tl.program_id(1)
     qb = tl.program_id(2)
@@ -326,16 +326,10 @@ def _attention(
         l_i = tl.zeros([BLOCK_Q], tl.float32)
         acc = tl.zeros([BLOCK_Q, HD], tl.float32)
         kv = (bh * cap * HD).to(tl.int64)
-        if UNROLL:
-            for j in tl.static_range(BLOCKS):
-                kn = (sp * BLOCKS + j) * BLOCK_N + tl.arange(0, BLOCK_N)
-                m_i, l_i, acc = _attend_block(q, qs, kn, kv, kc_ptr, vc_ptr, key_mask_ptr + b * km_stride,
-                                              cache_len, end, scale, m_i, l_i, acc, HD)
-        else:
-            for j in range(BLOCKS):
-                kn = (sp * BLOCKS + j) * BLOCK_N + tl.arange(0, BLOCK_N)
-                m_i, l_i, acc = _attend_block(q, qs, kn, kv, kc_ptr, vc_ptr, key_mask_ptr + b * km_stride,
-                                              cache_len, end, scale, m_i, l_i, acc, HD)
+        for j in range(BLOCKS):
+            kn = (sp * BLOCKS + j) * BLOCK_N + tl.arange(0, BLOCK_N)
+            m_i, l_i, acc = _attend_block(q, qs, kn, kv, kc_ptr, vc_ptr, key_mask_ptr + b * km_stride,
+                                          cache_len, end, scale, m_i, l_i, acc, HD)
         o = ((bh * S + sp) * T + qs).to(tl.int64)
         tl.store(pm_ptr + o, m_i, mask=qm)
         tl.store(pl_ptr + o, l_i, mask=qm)
@@ -476,6 +470,8 @@ class FusedDecoder:
     BLOCK_R, BLOCK_N, BLOCK_K, HEADS_BLOCK_N = 16, 32, 64, 64
     FEW_ROWS, FEW_ROWS_BLOCK_N, FEW_ROWS_ATTN_BLOCKS = 64, 16, 2
     ATTN_BLOCKS, ATTN_BLOCK_N = 4, 64
+    # Warps per program of a step's attention (batches; few rows).
+    ATTN_NUM_WARPS, FEW_ROWS_ATTN_NUM_WARPS = 2, 4
     MERGE_BLOCK_S = 32
     NUM_WARPS = 4
     # The prefill (~200 tokens a row): rows per GEMM tile, queries per attention program; a
@@ -486,9 +482,12 @@ class FusedDecoder:
     # turn); 45 tiles' 2.39 ms against 2.36 (scripts/tune_triton_decode.py). Unrolling the
     # split's blocks (as the step does) took 8 blocks to 680 us, so the prefill loops.
     PREFILL_BLOCK_R, PREFILL_BLOCK_Q = 32, 32
-    PREFILL_ATTN_BLOCKS, PREFILL_MERGE_BLOCK_S = 4, 16
+    PREFILL_ATTN_BLOCKS, PREFILL_MERGE_BLOCK_S, PREFILL_ATTN_BLOCK_N = 2, 16, 128
     # The prefill's GEMM tiles: output columns per program, warps per program.
     PREFILL_BLOCK_N, PREFILL_NUM_WARPS = 32, 4
+    # Token rows (batch x prefill tokens) from which the prefill's GEMMs go through cuBLAS
+    # (float32, TF32 off: DecodeState._layers with this attention) instead of these kernels.
+    PREFILL_TORCH_GEMM_ROWS = 2048
     # Under the interpreter (CPU tests) every Triton op costs ~0.1 ms of Python whatever its
     # size, so the tiles are as large as the shapes allow: the same kernels with far fewer
     # programs and ops. Only the summation order within a product (BLOCK_K chunks) and the
@@ -497,7 +496,7 @@ class FusedDecoder:
         "BLOCK_R": 32, "BLOCK_N": 128, "BLOCK_K": 256, "HEADS_BLOCK_N": 512, "FEW_ROWS_BLOCK_N": 128,
         "ATTN_BLOCKS": 1, "FEW_ROWS_ATTN_BLOCKS": 1, "ATTN_BLOCK_N": 512, "MERGE_BLOCK_S": 16,
         "PREFILL_BLOCK_R": 256, "PREFILL_BLOCK_Q": 256, "PREFILL_ATTN_BLOCKS": 8,
-        "PREFILL_BLOCK_N": 128,
+        "PREFILL_BLOCK_N": 128, "PREFILL_ATTN_BLOCK_N": 512,
     }
 
     def __init__(self, backend):
@@ -529,9 +528,11 @@ class FusedDecoder:
             for name, value in self.INTERPRETER_TILES.items():
                 setattr(self, name, value)
 
-    def _step_attn_blocks(self, B: int) -> int:
-        """Key blocks per split of a step's attention for B batch rows."""
-        return self.FEW_ROWS_ATTN_BLOCKS if B * self.K <= self.FEW_ROWS else self.ATTN_BLOCKS
+    def _step_attn(self, B: int) -> tuple[int, int]:
+        """Key blocks per split and warps per program of a step's attention for B batch rows."""
+        if B * self.K <= self.FEW_ROWS:
+            return self.FEW_ROWS_ATTN_BLOCKS, self.FEW_ROWS_ATTN_NUM_WARPS
+        return self.ATTN_BLOCKS, self.ATTN_NUM_WARPS
 
     def buffers(self, st) -> dict:
         """The step's and the prefill's scratch buffers for a state of (batch, capacity);
@@ -541,8 +542,8 @@ class FusedDecoder:
         B, K, C, H, HD = st.B, self.K, self.C, self.H, self.HD
         T = st.prefill_len
         dev, f32 = st.k_cache.device, torch.float32
-        S = triton.cdiv(st.cap, self._step_attn_blocks(B) * self.ATTN_BLOCK_N)
-        pS = triton.cdiv(st.cap, self.PREFILL_ATTN_BLOCKS * self.ATTN_BLOCK_N)
+        S = triton.cdiv(st.cap, self._step_attn(B)[0] * self.ATTN_BLOCK_N)
+        pS = triton.cdiv(st.cap, self.PREFILL_ATTN_BLOCKS * self.PREFILL_ATTN_BLOCK_N)
         z = lambda *shape, dtype=f32: torch.zeros(*shape, device=dev, dtype=dtype)
         return {
             "S": S, "pf_S": pS,
@@ -586,37 +587,54 @@ class FusedDecoder:
                       b["pf_x"], b["pf_q"], b["pf_y"], b["pf_act"], self.PREFILL_BLOCK_R, self.PREFILL_BLOCK_N,
                       self.PREFILL_NUM_WARPS)
 
+    def prefill_attention(self, st, i: int, q):
+        """Layer i's prefill attention for ``DecodeState._layers`` (the large-batch prefill,
+        whose GEMMs are cuBLAS's): q (B, H, T, HD) contiguous, the cache and key mask already
+        written; returns y (B, T, H * HD)."""
+        b = st.fused_buffers
+        T = st.prefill_len
+        self._attend(st, i, T, q, b["pf_y"], b["pf_run"], self.PREFILL_NUM_WARPS)
+        return b["pf_y"].view(st.B, T, self.C)
+
+    def _attend(self, st, i: int, T: int, q, y, run, nw) -> None:
+        """Layer i's attention of T queries per row (a step: T = K, the prefill's tokens):
+        split-K over the cache (``_attention``), then the splits' merge into y (B * T, C)."""
+        b = st.fused_buffers
+        B, K, H, HD = st.B, self.K, self.H, self.HD
+        if T == K:  # a step: its K queries in one block
+            blocks, anw = self._step_attn(B)
+            S, abn, BQ, BS, part = b["S"], self.ATTN_BLOCK_N, _pow2(max(K, 16)), self.MERGE_BLOCK_S, "p"
+        else:
+            S, blocks, abn, BQ, BS, part = (b["pf_S"], self.PREFILL_ATTN_BLOCKS, self.PREFILL_ATTN_BLOCK_N,
+                                            self.PREFILL_BLOCK_Q, self.PREFILL_MERGE_BLOCK_S, "pf_p")
+            anw = nw
+        pm, pl, pacc = b[part + "m"], b[part + "l"], b[part + "acc"]
+        q_blocks = triton.cdiv(T, BQ)
+        _attention[(B * H, S, q_blocks)](
+            q, st.k_cache[i], st.v_cache[i], st.key_mask, st.key_mask.stride(0), st.cache_len,
+            run, pm, pl, pacc, st.cap, S, self.scale,
+            T=T, H=H, HD=HD, BLOCKS=blocks, BLOCK_N=abn, BLOCK_Q=BQ, num_warps=anw,
+        )
+        _merge[(B * H, q_blocks)](
+            pm, pl, pacc, y, st.cache_len, run, S,
+            T=T, H=H, HD=HD, SPLIT=blocks * abn, BLOCK_S=BS, BLOCK_Q=BQ, num_warps=8,
+        )
+
     def _forward(self, st, T, ids, vision, cos, sin, run, x, q, y, act, BR, BN, nw) -> None:
         """The decoder over T tokens per row (a step: T = K; the prefill: the frame's tokens),
         split-K attention over the cache then ``_merge``, then the heads."""
-        b = st.fused_buffers
         B, K, V, C, H, HD, I = st.B, self.K, self.V, self.C, self.H, self.HD, self.I
         R = B * T
         BK = self.BLOCK_K
         BC = _pow2(C)
         rows = triton.cdiv(R, BR)
-        if T == K:  # a step: its K queries in one block
-            S, blocks, BQ, BS, part = b["S"], self._step_attn_blocks(B), _pow2(max(K, 16)), self.MERGE_BLOCK_S, "p"
-        else:
-            S, blocks, BQ, BS, part = b["pf_S"], self.PREFILL_ATTN_BLOCKS, self.PREFILL_BLOCK_Q, self.PREFILL_MERGE_BLOCK_S, "pf_p"
-        pm, pl, pacc = b[part + "m"], b[part + "l"], b[part + "acc"]
-        q_blocks = triton.cdiv(T, BQ)
         for i, (n_in, w_qkv, w_o, n_post, w_gu, w_down) in enumerate(self.layers):
             _qkv[(rows, 3 * H)](
                 x, ids, self.embed, vision, n_in, w_qkv, cos, sin, q,
                 st.k_cache[i], st.v_cache[i], st.cache_len, run, R, st.cap, self.eps,
                 GATHER=i == 0, T=T, NG=K, C=C, H=H, HD=HD, BLOCK_R=BR, BLOCK_C=BC, BLOCK_K=BK, num_warps=nw,
             )
-            _attention[(B * H, S, q_blocks)](
-                q, st.k_cache[i], st.v_cache[i], st.key_mask, st.key_mask.stride(0), st.cache_len,
-                run, pm, pl, pacc, st.cap, S, self.scale,
-                T=T, H=H, HD=HD, BLOCKS=blocks, BLOCK_N=self.ATTN_BLOCK_N, BLOCK_Q=BQ, UNROLL=T == K,
-                num_warps=nw,
-            )
-            _merge[(B * H, q_blocks)](
-                pm, pl, pacc, y, st.cache_len, run, S,
-                T=T, H=H, HD=HD, SPLIT=blocks * self.ATTN_BLOCK_N, BLOCK_S=BS, BLOCK_Q=BQ, num_warps=8,
-            )
+            self._attend(st, i, T, q, y, run, nw)
             _linear_residual[(rows, triton.cdiv(C, BN))](
                 y, w_o, x, run, R, N=C, KD=C, BLOCK_R=BR, BLOCK_N=BN, BLOCK_K=BK, num_warps=nw,
             )
