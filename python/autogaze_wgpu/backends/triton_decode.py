@@ -472,6 +472,8 @@ class FusedDecoder:
     ATTN_BLOCKS, ATTN_BLOCK_N = 4, 64
     # Warps per program of a step's attention (batches; few rows).
     ATTN_NUM_WARPS, FEW_ROWS_ATTN_NUM_WARPS = 2, 4
+    # Rows per GEMM tile of a batch step's o_proj, gate/up and down (q/k/v keeps BLOCK_R).
+    BATCH_MLP_BLOCK_R = 32
     MERGE_BLOCK_S = 32
     NUM_WARPS = 4
     # The prefill (~200 tokens a row): rows per GEMM tile, queries per attention program; a
@@ -493,7 +495,7 @@ class FusedDecoder:
     # programs and ops. Only the summation order within a product (BLOCK_K chunks) and the
     # attention splits differ from the GPU tiles.
     INTERPRETER_TILES = {
-        "BLOCK_R": 32, "BLOCK_N": 128, "BLOCK_K": 256, "HEADS_BLOCK_N": 512, "FEW_ROWS_BLOCK_N": 128,
+        "BLOCK_R": 32, "BATCH_MLP_BLOCK_R": 32, "BLOCK_N": 128, "BLOCK_K": 256, "HEADS_BLOCK_N": 512, "FEW_ROWS_BLOCK_N": 128,
         "ATTN_BLOCKS": 1, "FEW_ROWS_ATTN_BLOCKS": 1, "ATTN_BLOCK_N": 512, "MERGE_BLOCK_S": 16,
         "PREFILL_BLOCK_R": 256, "PREFILL_BLOCK_Q": 256, "PREFILL_ATTN_BLOCKS": 8,
         "PREFILL_BLOCK_N": 128, "PREFILL_ATTN_BLOCK_N": 512,
@@ -573,9 +575,11 @@ class FusedDecoder:
         )
         if not run_tokens:
             return
-        bn = self.FEW_ROWS_BLOCK_N if B * K <= self.FEW_ROWS else self.BLOCK_N
+        few = B * K <= self.FEW_ROWS
+        bn = self.FEW_ROWS_BLOCK_N if few else self.BLOCK_N
+        mlp_br = self.BLOCK_R if few else self.BATCH_MLP_BLOCK_R
         self._forward(st, K, b["ids"], b["ids"], st.rope_cos, st.rope_sin, b["run"],
-                      b["x"], b["q"], b["y"], b["act"], self.BLOCK_R, bn, self.NUM_WARPS)
+                      b["x"], b["q"], b["y"], b["act"], self.BLOCK_R, bn, self.NUM_WARPS, mlp_br)
 
     def prefill(self, st) -> None:
         """The frame's prefill on ``st``: its ``prefill_len`` tokens per row (the K pending
@@ -620,14 +624,17 @@ class FusedDecoder:
             T=T, H=H, HD=HD, SPLIT=blocks * abn, BLOCK_S=BS, BLOCK_Q=BQ, num_warps=8,
         )
 
-    def _forward(self, st, T, ids, vision, cos, sin, run, x, q, y, act, BR, BN, nw) -> None:
+    def _forward(self, st, T, ids, vision, cos, sin, run, x, q, y, act, BR, BN, nw, MLP_BR=None) -> None:
         """The decoder over T tokens per row (a step: T = K; the prefill: the frame's tokens),
-        split-K attention over the cache then ``_merge``, then the heads."""
+        split-K attention over the cache then ``_merge``, then the heads. GEMM tiles of BR
+        rows (MLP_BR, default BR, for o_proj, gate/up and down) x BN columns."""
         B, K, V, C, H, HD, I = st.B, self.K, self.V, self.C, self.H, self.HD, self.I
         R = B * T
         BK = self.BLOCK_K
         BC = _pow2(C)
         rows = triton.cdiv(R, BR)
+        MLP_BR = MLP_BR or BR
+        mlp_rows = triton.cdiv(R, MLP_BR)
         for i, (n_in, w_qkv, w_o, n_post, w_gu, w_down) in enumerate(self.layers):
             _qkv[(rows, 3 * H)](
                 x, ids, self.embed, vision, n_in, w_qkv, cos, sin, q,
@@ -635,15 +642,15 @@ class FusedDecoder:
                 GATHER=i == 0, T=T, NG=K, C=C, H=H, HD=HD, BLOCK_R=BR, BLOCK_C=BC, BLOCK_K=BK, num_warps=nw,
             )
             self._attend(st, i, T, q, y, run, nw)
-            _linear_residual[(rows, triton.cdiv(C, BN))](
-                y, w_o, x, run, R, N=C, KD=C, BLOCK_R=BR, BLOCK_N=BN, BLOCK_K=BK, num_warps=nw,
+            _linear_residual[(mlp_rows, triton.cdiv(C, BN))](
+                y, w_o, x, run, R, N=C, KD=C, BLOCK_R=MLP_BR, BLOCK_N=BN, BLOCK_K=BK, num_warps=nw,
             )
-            _gate_up[(rows, triton.cdiv(I, BN))](
+            _gate_up[(mlp_rows, triton.cdiv(I, BN))](
                 x, n_post, w_gu, act, run, R, self.eps,
-                C=C, I=I, BLOCK_R=BR, BLOCK_C=BC, BLOCK_N=BN, BLOCK_K=BK, num_warps=nw,
+                C=C, I=I, BLOCK_R=MLP_BR, BLOCK_C=BC, BLOCK_N=BN, BLOCK_K=BK, num_warps=nw,
             )
-            _linear_residual[(rows, triton.cdiv(C, BN))](
-                act, w_down, x, run, R, N=C, KD=I, BLOCK_R=BR, BLOCK_N=BN, BLOCK_K=BK, num_warps=nw,
+            _linear_residual[(mlp_rows, triton.cdiv(C, BN))](
+                act, w_down, x, run, R, N=C, KD=I, BLOCK_R=MLP_BR, BLOCK_N=BN, BLOCK_K=BK, num_warps=nw,
             )
         NL = K * V
         _heads[(triton.cdiv(B, self.BLOCK_R), triton.cdiv(NL + K, self.HEADS_BLOCK_N))](
