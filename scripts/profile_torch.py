@@ -65,7 +65,7 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, type=Path)
-    p.add_argument("--workload", default="clip", choices=["clip", "no-stop", "tiles45"])
+    p.add_argument("--workload", default="clip", choices=["clip", "no-stop", "clip788", "tiles45"])
     p.add_argument("--device", default="cuda")
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--json", type=Path, default=None)
@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     proc = ag.AutoGazeProcessor.from_pretrained(a.model)
     clip, tiles = bench_inputs(proc, tiles=45 if a.workload == "tiles45" else None)
     video = torch.from_numpy(clip if tiles is None else tiles).to(a.device)
-    kw = {"gazing_ratio": 0.75} if a.workload == "no-stop" else {}
+    kw = {"no-stop": {"gazing_ratio": 0.75}, "clip788": {"gazing_ratio": 0.186}}.get(a.workload, {})
     default_sps = model.backend.steps_per_sync
     for sps in [int(v) for v in a.sweep_steps.split(",") if v]:
         m = ag.AutoGaze.from_pretrained(a.model, backend="torch", device=a.device)

@@ -55,6 +55,7 @@ def main(argv=None) -> int:
         for bn, attn, nw, pattn, pq, more in grid:
             blocks, abn = (int(x) for x in attn.split("x"))
             cfg = {"BLOCK_N": int(bn), "FEW_ROWS_BLOCK_N": int(bn), "ATTN_BLOCKS": blocks, "FEW_ROWS_ATTN_BLOCKS": blocks, "ATTN_BLOCK_N": abn,
+                   "FEW_ROWS_ATTN_BLOCK_N": abn,
                    "NUM_WARPS": int(nw), "PREFILL_ATTN_BLOCKS": int(pattn), "PREFILL_BLOCK_Q": int(pq)}
             cfg.update({name: v for (name, _), v in zip(extra, more, strict=True)})
             fused = type("Tuned", (FusedDecoder,), cfg)(be)

@@ -27,3 +27,10 @@ def test_clip788_runs_on_two_backends_with_the_same_tokens(capsys):
 def test_unknown_workload_is_refused():
     with pytest.raises(SystemExit, match="unknown workload"):
         bench.workload(None, "clip999", None, None)
+
+
+def test_table_without_a_reference_row_prints_no_ratio(capsys):
+    rows = [{"backend": "torch", "workload": "clip788", "seconds": 0.03, "slots": 784, "tokens_sha": "abc", "device": "x"}]
+    bench.print_table(rows)
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("torch"))
+    assert "nan" not in line and line.split()[3] == "-", line

@@ -143,10 +143,11 @@ def print_table(rows: list[dict]) -> None:
     base = {r["workload"]: r["seconds"] for r in rows if r["backend"] == "reference"}
     print(f"\n{'backend':10s} {'workload':9s} {'median':>11s} {'vs reference':>13s} {'slots':>7s} tokens")
     for r in rows:
-        ratio = base.get(r["workload"], float("nan")) / r["seconds"]
+        # (no reference row for the workload: no ratio)
+        ratio = f"{base[r['workload']] / r['seconds']:12.1f}x" if r["workload"] in base else f"{'-':>13s}"
         ref_sha = next((x["tokens_sha"] for x in rows if x["backend"] == "reference" and x["workload"] == r["workload"]), None)
         same = "" if r["tokens_sha"] is None or ref_sha is None else ("same as reference" if r["tokens_sha"] == ref_sha else "DIFFERENT")
-        print(f"{r['backend']:10s} {r['workload']:9s} {r['seconds'] * 1e3:9.2f}ms {ratio:12.1f}x {r['slots'] or ''!s:>7s} {same}")
+        print(f"{r['backend']:10s} {r['workload']:9s} {r['seconds'] * 1e3:9.2f}ms {ratio} {r['slots'] or ''!s:>7s} {same}")
     print(f"devices: {sorted({r['backend'] + ': ' + r['device'] for r in rows})}")
 
 

@@ -17,7 +17,9 @@ is:
 
 The prefill (``FusedDecoder.prefill``) runs the same kernels over a row's K pending slots and
 vision tokens, its attention split over the queries (blocks of PREFILL_BLOCK_Q) as well as
-the keys.
+the keys. A large batch's prefill (PREFILL_TORCH_GEMM_ROWS) takes cuBLAS's GEMMs instead, in
+the eager layers (``DecodeState._layers``), around this attention (``prefill_attention``).
+A frame's last possible step only chooses (``step(..., run_tokens=False)``).
 
 Every kernel reads the step's ``run`` flag (written by ``_select``) and writes nothing when the
 frame is done, so the no-op steps at the end of a CUDA-graph launch cost a launch each and
@@ -461,34 +463,39 @@ class FusedDecoder:
     decode step on a ``DecodeState``'s buffers."""
 
     # Rows per GEMM tile (tl.dot needs >= 16), output columns per program and reduction
-    # chunk; a split of the attention is ATTN_BLOCKS blocks of ATTN_BLOCK_N keys; _merge
-    # takes MERGE_BLOCK_S splits at a time; warps per GEMM program.
-    # (scripts/tune_triton_decode.py times alternatives on a GPU.)
+    # chunk; a split of a step's attention is ATTN_BLOCKS blocks of ATTN_BLOCK_N keys (a
+    # loop), ATTN_NUM_WARPS warps a program; _merge takes MERGE_BLOCK_S splits at a time;
+    # warps per GEMM program. (scripts/tune_triton_decode.py times alternatives on a GPU;
+    # the numbers below are an H200's with a 3000-key cache, docs/benchmarks.md.)
     # Few rows (one video: 10) take narrower column blocks and shorter attention splits, for
-    # more programs. (H200, 3000 keys: 45 tiles' step attention took 229 / 203 / 385 us a
-    # launch at 2 / 4 / 8 blocks a split, docs/bench/h200-2026-12-04-tune-batch.log.)
+    # more programs: one video's step is 233-240 us for every variant tried (looped or
+    # unrolled splits, 2 x 64 or 2 x 128 keys for its prefill). Batches: 45 tiles' step
+    # attention took 203 us a launch in unrolled 4 x 64-key splits, 183 looped, 172 looped
+    # with 2 warps, 144 in 2 x 128-key splits with 2 warps (656 with 1; 4 x 64 and 8 x 32
+    # ~173); their o_proj / gate-up / down in 32-row tiles took 14.8 / 34.9 / 14.8 us against
+    # 23.0 / 43.4 / 23.0 in 16-row ones (64 rows: 36.7 / 56.2), while q/k/v was slower in 32
+    # (46.4 against 34.5 us), so it keeps BLOCK_R.
     BLOCK_R, BLOCK_N, BLOCK_K, HEADS_BLOCK_N = 16, 32, 64, 64
-    FEW_ROWS, FEW_ROWS_BLOCK_N, FEW_ROWS_ATTN_BLOCKS = 64, 16, 2
-    ATTN_BLOCKS, ATTN_BLOCK_N = 4, 64
-    # Warps per program of a step's attention (batches; few rows).
+    FEW_ROWS, FEW_ROWS_BLOCK_N, FEW_ROWS_ATTN_BLOCKS, FEW_ROWS_ATTN_BLOCK_N = 64, 16, 2, 64
+    ATTN_BLOCKS, ATTN_BLOCK_N = 2, 128
     ATTN_NUM_WARPS, FEW_ROWS_ATTN_NUM_WARPS = 2, 4
-    # Rows per GEMM tile of a batch step's o_proj, gate/up and down (q/k/v keeps BLOCK_R).
-    BATCH_MLP_BLOCK_R = 32
+    BATCH_MLP_BLOCK_R = 32  # a batch step's o_proj, gate/up and down
     MERGE_BLOCK_S = 32
     NUM_WARPS = 4
     # The prefill (~200 tokens a row): rows per GEMM tile, queries per attention program; a
-    # split of its attention is PREFILL_ATTN_BLOCKS blocks of ATTN_BLOCK_N keys, merged
-    # PREFILL_MERGE_BLOCK_S at a time. On an H200 with 3000 keys, one video's prefill
-    # attention took 67 / 80 / 101 us a launch at 4 / 8 / 16 blocks a split against 143 us
-    # for one program per query block over every key (54 programs, ~50 key blocks each in
-    # turn); 45 tiles' 2.39 ms against 2.36 (scripts/tune_triton_decode.py). Unrolling the
-    # split's blocks (as the step does) took 8 blocks to 680 us, so the prefill loops.
+    # split of its attention is PREFILL_ATTN_BLOCKS blocks of PREFILL_ATTN_BLOCK_N keys (a
+    # loop), merged PREFILL_MERGE_BLOCK_S at a time. One video's prefill attention took 143
+    # us a launch as one program per query block over every key, 67 / 80 / 101 us in splits
+    # of 4 / 8 / 16 x 64 keys, 48.5 in 2 x 128 (59 in 4 x 128); 45 tiles' 2.39 ms in 4 x 64,
+    # 1.72 in 2 x 128. Unrolled splits were much slower (8 blocks: 680 us), and 64-query
+    # blocks spilled (45 tiles: 56 ms).
     PREFILL_BLOCK_R, PREFILL_BLOCK_Q = 32, 32
     PREFILL_ATTN_BLOCKS, PREFILL_MERGE_BLOCK_S, PREFILL_ATTN_BLOCK_N = 2, 16, 128
     # The prefill's GEMM tiles: output columns per program, warps per program.
     PREFILL_BLOCK_N, PREFILL_NUM_WARPS = 32, 4
     # Token rows (batch x prefill tokens) from which the prefill's GEMMs go through cuBLAS
-    # (float32, TF32 off: DecodeState._layers with this attention) instead of these kernels.
+    # (float32, TF32 off: DecodeState._layers with this attention) instead of these kernels:
+    # 45 tiles' prefill 12.8 -> 8.9 ms, while one video's (206 rows) would go 0.57 -> 0.69.
     PREFILL_TORCH_GEMM_ROWS = 2048
     # Under the interpreter (CPU tests) every Triton op costs ~0.1 ms of Python whatever its
     # size, so the tiles are as large as the shapes allow: the same kernels with far fewer
@@ -496,7 +503,7 @@ class FusedDecoder:
     # attention splits differ from the GPU tiles.
     INTERPRETER_TILES = {
         "BLOCK_R": 32, "BATCH_MLP_BLOCK_R": 32, "BLOCK_N": 128, "BLOCK_K": 256, "HEADS_BLOCK_N": 512, "FEW_ROWS_BLOCK_N": 128,
-        "ATTN_BLOCKS": 1, "FEW_ROWS_ATTN_BLOCKS": 1, "ATTN_BLOCK_N": 512, "MERGE_BLOCK_S": 16,
+        "ATTN_BLOCKS": 1, "FEW_ROWS_ATTN_BLOCKS": 1, "ATTN_BLOCK_N": 512, "FEW_ROWS_ATTN_BLOCK_N": 512, "MERGE_BLOCK_S": 16,
         "PREFILL_BLOCK_R": 256, "PREFILL_BLOCK_Q": 256, "PREFILL_ATTN_BLOCKS": 8,
         "PREFILL_BLOCK_N": 128, "PREFILL_ATTN_BLOCK_N": 512,
     }
@@ -530,11 +537,12 @@ class FusedDecoder:
             for name, value in self.INTERPRETER_TILES.items():
                 setattr(self, name, value)
 
-    def _step_attn(self, B: int) -> tuple[int, int]:
-        """Key blocks per split and warps per program of a step's attention for B batch rows."""
+    def _step_attn(self, B: int) -> tuple[int, int, int]:
+        """Key blocks per split, keys per block and warps per program of a step's attention
+        for B batch rows."""
         if B * self.K <= self.FEW_ROWS:
-            return self.FEW_ROWS_ATTN_BLOCKS, self.FEW_ROWS_ATTN_NUM_WARPS
-        return self.ATTN_BLOCKS, self.ATTN_NUM_WARPS
+            return self.FEW_ROWS_ATTN_BLOCKS, self.FEW_ROWS_ATTN_BLOCK_N, self.FEW_ROWS_ATTN_NUM_WARPS
+        return self.ATTN_BLOCKS, self.ATTN_BLOCK_N, self.ATTN_NUM_WARPS
 
     def buffers(self, st) -> dict:
         """The step's and the prefill's scratch buffers for a state of (batch, capacity);
@@ -544,7 +552,8 @@ class FusedDecoder:
         B, K, C, H, HD = st.B, self.K, self.C, self.H, self.HD
         T = st.prefill_len
         dev, f32 = st.k_cache.device, torch.float32
-        S = triton.cdiv(st.cap, self._step_attn(B)[0] * self.ATTN_BLOCK_N)
+        blocks, block_n, _ = self._step_attn(B)
+        S = triton.cdiv(st.cap, blocks * block_n)
         pS = triton.cdiv(st.cap, self.PREFILL_ATTN_BLOCKS * self.PREFILL_ATTN_BLOCK_N)
         z = lambda *shape, dtype=f32: torch.zeros(*shape, device=dev, dtype=dtype)
         return {
@@ -606,8 +615,8 @@ class FusedDecoder:
         b = st.fused_buffers
         B, K, H, HD = st.B, self.K, self.H, self.HD
         if T == K:  # a step: its K queries in one block
-            blocks, anw = self._step_attn(B)
-            S, abn, BQ, BS, part = b["S"], self.ATTN_BLOCK_N, _pow2(max(K, 16)), self.MERGE_BLOCK_S, "p"
+            blocks, abn, anw = self._step_attn(B)
+            S, BQ, BS, part = b["S"], _pow2(max(K, 16)), self.MERGE_BLOCK_S, "p"
         else:
             S, blocks, abn, BQ, BS, part = (b["pf_S"], self.PREFILL_ATTN_BLOCKS, self.PREFILL_ATTN_BLOCK_N,
                                             self.PREFILL_BLOCK_Q, self.PREFILL_MERGE_BLOCK_S, "pf_p")
