@@ -244,17 +244,19 @@ def test_known_frame_end_is_checked(torch_model):
     from autogaze_wgpu.backends.torch_backend import DecodeState
 
     be = torch_model.backend
-    st = be.acquire_state(1, be.capacity(1, [26]))
+    st = be.acquire_state(1, be.capacity(2, [26, 26]))
     try:
         emb = be.embed(case_pixel_values("a")[:, :1])
         with torch.no_grad():
             tokens = st.frame(emb[:, 0], 26, None)
-        assert tokens.shape == (1, 26) and st.expected_status == [1, 26, st.length]
-        assert st.status.tolist() == st.expected_status
+            st.frame(emb[:, 0], 26, None)
+        # frame 0: its prefill (10 pending pads + 196 vision tokens), then 2 of its 3 steps run
+        assert tokens.shape == (1, 26) and [want for _, want in st.unchecked] == [[1, 26, 226], [1, 26, st.length]]
+        assert st.status.tolist() == st.unchecked[-1][1]
         st.verify()  # agrees
-        assert st.expected_status is None
-        st.expected_status = [1, 25, st.length]
-        with pytest.raises(ag.BackendError, match="internal error: decode status"):
+        assert st.unchecked == []
+        st.unchecked = [(st.status.clone(), [1, 25, st.length])]
+        with pytest.raises(ag.BackendError, match="internal error: decode status .* after frame 0 of 1"):
             st.verify()
     finally:
         be.release_state(st)

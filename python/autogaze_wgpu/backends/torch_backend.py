@@ -137,7 +137,7 @@ class DecodeState:
     def reset(self) -> None:
         """Back to an empty sequence (the buffers and any captured graph are kept)."""
         self.length = 0  # host copy of the cache length between frames
-        self.expected_status: Optional[list[int]] = None  # see verify()
+        self.unchecked: list[tuple["torch.Tensor", list[int]]] = []  # see verify()
         self.key_mask.zero_()
         self.pending: Optional["torch.Tensor"] = None
 
@@ -234,7 +234,7 @@ class DecodeState:
         #    exactly that: up to steps_per_graph full steps each, the last launch ending with
         #    the choosing-only step. With no task-loss stop and a budget the ids cover (no
         #    exhaustion) the frame takes every one of those steps, so its end is known here
-        #    and the host reads nothing (``verify`` checks it later).
+        #    and the host reads nothing (``verify`` checks it later, in one read).
         bound = max(1, -(-budget // K))
         full = bound - 1
         known = requirement is None and budget < self.V
@@ -249,7 +249,8 @@ class DecodeState:
             if known:
                 if full == 0:
                     n_t, cache_len = budget, self.length + (bound - 1) * K
-                    self.expected_status = [1, n_t, cache_len]
+                    # the device's status, copied without a sync, for verify()
+                    self.unchecked.append((self.status.clone(), [1, n_t, cache_len]))
                     break
                 continue
             # The one host sync per graph launch: done flag, frame length and cache length.
@@ -269,16 +270,18 @@ class DecodeState:
         return tokens
 
     def verify(self) -> None:
-        """Checks the device's status after the last frame whose end ``frame`` worked out on
-        the host without reading it (see step 2 there); a mismatch is a bug in this backend."""
-        want, self.expected_status = self.expected_status, None
-        if want is not None:
-            got = self.status.tolist()
-            if got != want:
-                raise BackendError(
-                    f"internal error: decode status {got} (done, frame slots, cache length) "
-                    f"after a frame without task-loss stop, expected {want}"
-                )
+        """Checks the device's status after each frame whose end ``frame`` worked out on the
+        host without reading it (see step 2 there), in one read; a mismatch is a bug in this
+        backend, not bad input."""
+        checks, self.unchecked = self.unchecked, []
+        if checks:
+            got = torch.stack([t for t, _ in checks]).tolist()
+            for i, (g, (_, want)) in enumerate(zip(got, checks)):
+                if g != want:
+                    raise BackendError(
+                        f"internal error: decode status {g} (done, frame slots, cache length) "
+                        f"after frame {i} of {len(checks)} without task-loss stop, expected {want}"
+                    )
 
     def _bucket(self, n: int) -> int:
         """Keys attended to by a launch: n rounded up to KV_BUCKET (one graph per bucket)."""
