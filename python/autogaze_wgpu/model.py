@@ -136,7 +136,8 @@ class AutoGaze:
         backend_options: the backend's own settings. The torch backend's ``decode_kernels``:
             "auto" (default: the fused Triton kernels on CUDA in float32, else the eager torch
             step), "triton" or "torch"; its ``steps_per_sync``: decode steps per CUDA graph
-            launch, each launch one host read (default None: 4).
+            launch at most, each launch one host read when a task-loss requirement can stop
+            a frame early (default None: 4).
         """
         from . import _native
 
