@@ -22,8 +22,9 @@ the eager layers (``DecodeState._layers``), around this attention (``prefill_att
 A frame's last possible step only chooses (``step(..., run_tokens=False)``).
 
 Every kernel reads the step's ``run`` flag (written by ``_select``) and writes nothing when the
-frame is done, so the no-op steps at the end of a CUDA-graph launch cost a launch each and
-change no state. Lengths (cache length, frame length) are device scalars read by the kernels,
+frame is done, so the no-op steps at the end of a CUDA-graph launch change no state; the GEMM
+kernels still compute before their masked stores, so such a step costs about a full step,
+which is why the launches cover only the steps a frame can take (``DecodeState.frame``). Lengths (cache length, frame length) are device scalars read by the kernels,
 so one graph serves every cache length (no key-length buckets).
 
 Arithmetic: float32 everywhere; products through ``tl.dot(..., input_precision="ieee")``
