@@ -56,6 +56,39 @@ def phase_times(model, video, kw) -> dict[str, float]:
     return out
 
 
+def host_input_times(model, host_video, kw, repeat: int = 3) -> dict[str, float]:
+    """What a call with host (numpy) pixel values adds to one with the same values already
+    on the GPU (ms, medians): the checks on the host (``as_pixel_values`` without a device),
+    a plain copy to the GPU from pageable memory, what the model does (``as_pixel_values``
+    with its device: the staged copy, then the checks on the GPU), and the two calls' walls."""
+    import statistics
+
+    import torch
+
+    from autogaze_wgpu.inputs import as_pixel_values
+
+    dev = model.backend.device
+
+    def timed(fn):
+        times = []
+        for _ in range(repeat):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            r = fn()
+            torch.cuda.synchronize()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times), r
+
+    check, checked = timed(lambda: as_pixel_values(host_video))
+    copy, on_gpu = timed(lambda: torch.from_numpy(checked).to(dev))
+    staged, staged_gpu = timed(lambda: as_pixel_values(host_video, dev))
+    assert torch.equal(staged_gpu, on_gpu)
+    wall_host, _ = timed(lambda: model.generate(host_video, **kw))
+    wall_gpu, _ = timed(lambda: model.generate(on_gpu, **kw))
+    return {"host_checks": check, "pageable_copy": copy, "staged_copy_and_gpu_checks": staged,
+            "wall_host_input": wall_host, "wall_gpu_input": wall_gpu, "MB": host_video.nbytes / 1e6}
+
+
 def main(argv=None) -> int:
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -65,7 +98,7 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, type=Path)
-    p.add_argument("--workload", default="clip", choices=["clip", "no-stop", "clip788", "tiles45"])
+    p.add_argument("--workload", default="clip", choices=["clip", "no-stop", "clip788", "tiles45", "tiles788"])
     p.add_argument("--device", default="cuda")
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--json", type=Path, default=None)
@@ -74,9 +107,10 @@ def main(argv=None) -> int:
 
     model = ag.AutoGaze.from_pretrained(a.model, backend="torch", device=a.device)
     proc = ag.AutoGazeProcessor.from_pretrained(a.model)
-    clip, tiles = bench_inputs(proc, tiles=45 if a.workload == "tiles45" else None)
+    clip, tiles = bench_inputs(proc, tiles=45 if a.workload.startswith("tiles") else None)
     video = torch.from_numpy(clip if tiles is None else tiles).to(a.device)
-    kw = {"no-stop": {"gazing_ratio": 0.75}, "clip788": {"gazing_ratio": 0.186}}.get(a.workload, {})
+    kw = {"no-stop": {"gazing_ratio": 0.75}, "clip788": {"gazing_ratio": 0.186},
+          "tiles788": {"gazing_ratio": 0.186}}.get(a.workload, {})
     default_sps = model.backend.steps_per_sync
     for sps in [int(v) for v in a.sweep_steps.split(",") if v]:
         m = ag.AutoGaze.from_pretrained(a.model, backend="torch", device=a.device)
@@ -96,6 +130,8 @@ def main(argv=None) -> int:
     print("phases (ms; GPU time between CUDA events, host_gaps = wall - the rest): "
           + ", ".join(f"{k} {v:.2f}" for k, v in phases.items() if k != "launches")
           + f"; graph launches {phases['launches']}")
+    host = host_input_times(model, clip if tiles is None else tiles, kw)
+    print("host input (ms, median of 3): " + ", ".join(f"{k} {v:.1f}" for k, v in host.items()))
     acts = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
     with profile(activities=acts) as prof:
         out = model.generate(video, **kw)
@@ -119,7 +155,7 @@ def main(argv=None) -> int:
         print(f"{name[:90]:90s} {n:7d} {us / 1e3:9.3f} {us / n:9.2f} {100 * us / total_us:5.1f}%")
     if a.json:
         a.json.write_text(json.dumps({"workload": a.workload, "kernel_us": total_us, "launches": count,
-                                      "steps": steps, "phases_ms": phases, "kernels": rows}, indent=2))
+                                      "steps": steps, "phases_ms": phases, "host_input_ms": host, "kernels": rows}, indent=2))
     return 0
 
 

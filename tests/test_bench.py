@@ -34,3 +34,15 @@ def test_table_without_a_reference_row_prints_no_ratio(capsys):
     bench.print_table(rows)
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("torch"))
     assert "nan" not in line and line.split()[3] == "-", line
+
+
+def test_tiles788_is_the_tile_batch_at_clip788s_ratio():
+    calls = []
+
+    class Model:
+        def generate(self, pixel_values, **kw):
+            calls.append((pixel_values, kw))
+
+    bench.workload(Model(), "tiles788", "the clip", "the tiles")()
+    bench.workload(Model(), "clip788", "the clip", "the tiles")()
+    assert calls == [("the tiles", {"gazing_ratio": 0.186}), ("the clip", {"gazing_ratio": 0.186})]

@@ -139,6 +139,22 @@ def test_pixel_values_work_or_raise_input_error(ref, x):
     _only(run, (ag.InputError,))
 
 
+@bounded
+@given(
+    shape=st.lists(st.integers(1, 5), min_size=1, max_size=4),
+    dtype=st.sampled_from([np.float16, np.float32, np.float64]),
+    specials=st.lists(st.tuples(st.integers(0, 10**6), st.sampled_from([np.nan, np.inf, -np.inf, 0.0, 1e30])), max_size=3),
+)
+def test_the_finiteness_check_is_isfinite_all(shape, dtype, specials):
+    from autogaze_wgpu.inputs import _all_finite
+
+    with np.errstate(over="ignore"):
+        x = np.random.default_rng(len(specials)).standard_normal(shape).astype(dtype)
+        for at, v in specials:
+            x.flat[at % x.size] = v
+    assert _all_finite(x) == bool(np.isfinite(x).all())
+
+
 # ---------------------------------------------------------------------------------------------
 # gazing_ratio / task_loss_requirement
 CFG = ag.AutoGazeConfig.from_pretrained(MODEL_DIR)

@@ -34,6 +34,37 @@ def _spy_embed(monkeypatch, model) -> list:
     return seen
 
 
+def test_host_pixels_are_checked_on_the_models_cuda_device(torch_model, monkeypatch):
+    from autogaze_wgpu import inputs
+    from autogaze_wgpu.inputs import as_pixel_values
+
+    pv = case_pixel_values("a")[:, :2]
+    dev = torch_model._input_device
+    if DEVICE == "cuda":  # numpy and CPU tensors go to the GPU first, and are checked there
+        for x in (pv, torch.from_numpy(pv)):
+            y = as_pixel_values(x, dev)
+            assert isinstance(y, torch.Tensor) and y.device.type == "cuda"
+            np.testing.assert_array_equal(y.cpu().numpy(), pv)
+        # through the pinned staging buffers: several chunks, the last one short
+        monkeypatch.setattr(inputs, "_UPLOAD_CHUNK", 4 * 100_003)
+        for _ in range(2):  # the second call reuses the buffers
+            y = as_pixel_values(pv, dev)
+            np.testing.assert_array_equal(y.cpu().numpy(), pv)
+    else:
+        assert dev is None and isinstance(as_pixel_values(pv, dev), np.ndarray)
+    for value in (np.nan, np.inf, -np.inf):
+        bad = pv.copy()
+        bad[0, 1, 2, 7, 9] = value
+        with pytest.raises(ag.InputError, match="NaN or Inf"):
+            torch_model.generate(bad, gazing_ratio=0.05)
+        with pytest.raises(ag.InputError, match="NaN or Inf"):
+            torch_model.stream(1, gazing_ratio=0.05).step(bad[:, 1:2])
+    big = pv.astype(np.float64)
+    big[0, 0, 0, 0, 0] = 1e300  # finite, but Inf in float32
+    with pytest.raises(ag.InputError, match="beyond float32's range"):
+        torch_model.embed(big)
+
+
 def test_tensor_on_the_model_device_is_not_copied(torch_model, monkeypatch):
     seen = _spy_embed(monkeypatch, torch_model)
     pv = case_pixel_values("a")[:, :2]

@@ -4,6 +4,7 @@ backends)."""
 from __future__ import annotations
 
 import math
+import threading
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
@@ -13,13 +14,18 @@ from .errors import InputError
 from .memory import check_input_copy
 
 
-def as_pixel_values(pixel_values: Any) -> Any:
+def as_pixel_values(pixel_values: Any, device: Any = None) -> Any:
     """Checks model input: float (B, T, 3, H, W) or (T, 3, H, W), finite, non-empty.
 
     Returns a (B, T, 3, H, W) float32 numpy array, or a float32 torch tensor that stays on its
     device (so CUDA input is not copied to the host). A :class:`~autogaze_wgpu.processor.RawFrames`
     (validated when made) passes through: the facade hands it to a backend that preprocesses
     itself, or turns it into pixel values.
+
+    device: the CUDA torch device the model runs on (None otherwise). Host input (numpy or a
+    CPU tensor) is then copied there first, the copy the model needs anyway, and checked for
+    NaN/Inf there: on the host that check took 60-80 ms of a 45-tile clip's 433 MB on an H200
+    machine, on the GPU well under a millisecond. The result is then a tensor on ``device``.
     """
     from .processor import RawFrames
 
@@ -59,20 +65,84 @@ def as_pixel_values(pixel_values: Any) -> Any:
     if min(B, T, H, W) == 0:
         raise InputError(f"pixel_values must not be empty, got shape {tuple(x.shape)}")
     # Refuse before copying: a broadcast view of a huge frame costs nothing until copied.
+    upload = device is not None and getattr(device, "type", None) == "cuda" and (
+        not is_torch or x.device.type == "cpu"
+    )
     if is_torch:
         import torch
 
         check_input_copy(tuple(x.shape), x.dtype != torch.float32 or not x.is_contiguous(), x.device)
         y = x.to(torch.float32).contiguous()
+        if upload:
+            y = _upload(y, device)
         if not bool(torch.isfinite(y).all()):
             raise InputError(_non_finite_message(bool(torch.isfinite(x).all())))
         return y
     check_input_copy(x.shape, x.dtype != np.float32 or not x.flags.c_contiguous)
     with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf: reported
         y = np.ascontiguousarray(x, dtype=np.float32)
-    if not np.isfinite(y).all():
-        raise InputError(_non_finite_message(bool(np.isfinite(x).all())))
+    if upload:
+        import torch
+
+        g = _upload(torch.from_numpy(y), device)
+        if not bool(torch.isfinite(g).all()):
+            raise InputError(_non_finite_message(_all_finite(x)))
+        return g
+    if not _all_finite(y):
+        raise InputError(_non_finite_message(_all_finite(x)))
     return y
+
+
+# Host input of more than one chunk goes to the GPU through two pinned staging buffers of
+# _UPLOAD_CHUNK bytes: torch's (multi-threaded) copy into one while the other's DMA runs.
+# A plain copy from pageable memory ran at ~8.5 GB/s on an H200 machine (51 ms for 45 tiles).
+_UPLOAD_CHUNK = 32 << 20
+_staging: dict = {}  # device -> ([2 pinned buffers], [2 events]); one upload at a time
+_staging_lock = threading.Lock()
+
+
+def _upload(y, device):
+    """The float32 host tensor y on the CUDA ``device``, refused first if it cannot fit."""
+    from .errors import DeviceError
+
+    check_input_copy(tuple(y.shape), True, device)
+    try:
+        if y.numel() * 4 <= _UPLOAD_CHUNK:
+            return y.to(device)
+        return _staged_upload(y, device)
+    except RuntimeError as e:  # torch.cuda.OutOfMemoryError is one
+        raise DeviceError(f"could not copy pixel_values of shape {tuple(y.shape)} to {device}: {e}") from None
+
+
+def _staged_upload(y, device):
+    import torch
+
+    n = _UPLOAD_CHUNK // 4
+    out = torch.empty(y.shape, dtype=torch.float32, device=device)
+    src, dst = y.view(-1), out.view(-1)
+    with _staging_lock:
+        key = (str(device), n)
+        if key not in _staging:
+            _staging.clear()  # the buffers of another device or chunk size
+            _staging[key] = ([torch.empty(n, dtype=torch.float32).pin_memory() for _ in range(2)],
+                             [torch.cuda.Event() for _ in range(2)])
+        bufs, done = _staging[key]
+        with torch.cuda.device(out.device):
+            for i, at in enumerate(range(0, src.numel(), n)):
+                m = min(n, src.numel() - at)
+                buf, ev = bufs[i % 2], done[i % 2]
+                ev.synchronize()  # this buffer's previous DMA is over (a fresh event is done)
+                buf[:m].copy_(src[at : at + m])
+                dst[at : at + m].copy_(buf[:m], non_blocking=True)
+                ev.record()
+    return out
+
+
+def _all_finite(x: np.ndarray) -> bool:
+    """No NaN or Inf in x: its min and max are finite (both propagate NaN, and an Inf is one
+    of them). Two reductions without the temporary bool array of ``isfinite(x).all()``, a
+    third of its time on a 45-tile clip's 433 MB."""
+    return bool(np.isfinite(x.min()) and np.isfinite(x.max()))
 
 
 def _non_finite_message(finite_before_cast: bool) -> str:

@@ -145,13 +145,14 @@ def _refuse(
 
 def check_input_copy(shape: tuple[int, ...], copy: bool, device: Any = None) -> None:
     """Refuses validating pixel values of ``shape`` when its buffers cannot fit: the float32
-    copy (when ``copy``: not float32, or not contiguous, e.g. a broadcast view) and the
-    finiteness check's one byte per value.
+    copy (when ``copy``: not float32, or not contiguous, e.g. a broadcast view, or a copy to
+    the GPU) and, for tensors, the finiteness check's one byte per value (a numpy array's
+    check allocates nothing).
 
     device: a torch device for tensors (CUDA memory is checked there), None for host memory.
     """
     n = int(np.prod([int(v) for v in shape], dtype=object))
-    parts = {"float32 copy": n * F32 if copy else 0, "finiteness check": n}
+    parts = {"float32 copy": n * F32 if copy else 0, "finiteness check": n if device is not None else 0}
     need = sum(parts.values())
     if device is not None and getattr(device, "type", "cpu") == "cuda":
         where, available = f"memory on {device}", available_cuda_bytes(device)

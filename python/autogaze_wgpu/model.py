@@ -161,6 +161,13 @@ class AutoGaze:
         (CUDA results stay on the GPU), else the CPU."""
         return getattr(self.backend, "device", None)
 
+    @property
+    def _input_device(self):
+        """The CUDA device a torch-based backend runs on (None otherwise): host pixel values
+        go there before their checks (``as_pixel_values``)."""
+        dev = getattr(self.backend, "device", None)
+        return dev if getattr(dev, "type", None) == "cuda" else None
+
     def _backend_input(self, video):
         """RawFrames stay raw for a backend that preprocesses on its device (wgpu); any other
         backend gets the processor's pixel values."""
@@ -203,7 +210,8 @@ class AutoGaze:
         """
         self._check_open()
         check_return_tensors(return_tensors)
-        video = as_pixel_values(pixel_values)
+        # (tiles are cut on the host: their input stays there)
+        video = as_pixel_values(pixel_values, None if target_scales is not None else self._input_device)
         B, T = video.shape[:2]
         ratios, req = resolve_gazing_params(self.config, gazing_ratio, task_loss_requirement, T)
         if (target_scales is None) != (target_patch_size is None):
@@ -236,7 +244,7 @@ class AutoGaze:
         return_tensors "pt": a torch tensor on the model's device (no host copy)."""
         self._check_open()
         check_return_tensors(return_tensors)
-        video = as_pixel_values(pixel_values)
+        video = as_pixel_values(pixel_values, self._input_device)
         check_call(self.backend, self.config, video.shape, None, "embed", _source_size(video))
         return self._convert(self.backend.embed(self._backend_input(video)), return_tensors)
 
@@ -245,7 +253,7 @@ class AutoGaze:
         hold numpy arrays or torch tensors. return_tensors: as in :meth:`generate`."""
         self._check_open()
         check_return_tensors(return_tensors)
-        video = as_pixel_values(pixel_values)
+        video = as_pixel_values(pixel_values, self._input_device)
         if gazes.tiles is not None:
             raise InputError("score() takes tile-level outputs: pass `out.tiles` and the tiles")
         frame_tokens = _frame_tokens_from_output(gazes, self.config, video.shape[0], video.shape[1])
@@ -329,7 +337,7 @@ class StreamSession:
         """frame (B, 1, 3, H, W) (or (B, 3, H, W)) -> this frame's GazeOutput (T = 1);
         ``return_tensors`` as in :meth:`AutoGaze.generate`."""
         check_return_tensors(return_tensors)
-        x = as_pixel_values(frame_pixel_values)
+        x = as_pixel_values(frame_pixel_values, self.model._input_device)
         raw = isinstance(x, RawFrames)
         if not raw and x.shape[1] != 1 and x.shape[0] == 1 and self.batch_size == x.shape[1]:
             x = x.reshape(x.shape[1], 1, *x.shape[2:])  # (B, 3, H, W) read as (1, B, ...)
