@@ -56,9 +56,9 @@ case "${1:-all}" in
     done ;;
 esac
 case "${1:-all}" in
-  divergence)  # where tiles45 tokens part between backends/devices, and by how much
-    timeout 550 python3 scripts/divergence.py --model "$AUTOGAZE_FIXTURES/model" \
-      --runs "${RUNS:-reference:cuda,reference:cpu,torch:cuda,wgpu}" 2>&1 | tee "$OUT/divergence.log" ;;
+  divergence)  # where a workload's tokens part between backends/devices, and by how much
+    timeout "${DIVERGENCE_TIMEOUT:-550}" python3 scripts/divergence.py --model "$AUTOGAZE_FIXTURES/model" --workload "${WORKLOAD:-tiles45}" \
+      --runs "${RUNS:-reference:cuda,reference:cpu,torch:cuda,wgpu}" 2>&1 | tee -a "$OUT/divergence.log" ;;
 esac
 case "${1:-all}" in
   soak)  # long streams: memory and per-frame latency (docs/reliability.md)

@@ -1,7 +1,8 @@
 """Where do two runs' tokens part, and how close was the decision there? (a diagnosis aid)
 
-Runs the bench's ``tiles45`` workload (45 tiles x 16 frames, defaults; or ``clip``) on several
-backend/device pairs, compares every run's tokens with the first one's, and for the first
+Runs one of the bench's workloads (``--workload``: ``tiles45``, 45 tiles x 16 frames with the
+defaults; ``clip``; ``tiles788`` / ``clip788`` at gazing ratio 0.186 without a task-loss stop) on
+several backend/device pairs (a backend may be one of the bench's variants, e.g. ``torch-ieee``), compares every run's tokens with the first one's, and for the first
 divergence prints the frame, row and slot, both tokens, and what the reference's logits say
 about that decision (recorded with ``record_steps`` on the first run's device): the gap
 between the two candidates' logits, or, for a task-loss stop, the gap between the predicted
@@ -34,34 +35,42 @@ def first_divergence(a: list[np.ndarray], b: list[np.ndarray]):
     return None
 
 
+# The bench's workloads this script runs (bench.py): gazing ratio, task-loss requirement (None:
+# the defaults, 0.75 and 0.7, for both).
+WORKLOADS = {"tiles45": (None, None), "clip": (None, None), "tiles788": (0.186, None), "clip788": (0.186, None)}
+
+
 def main(argv=None) -> int:
     import autogaze_wgpu as ag
     import torch
-    from autogaze_wgpu.bench import bench_inputs
+    from autogaze_wgpu.bench import BACKEND_VARIANTS, bench_inputs
     from autogaze_wgpu.inputs import gazing_budget, resolve_gazing_params
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, type=Path)
     p.add_argument("--runs", default="reference:cuda,reference:cpu,torch:cuda,wgpu")
-    p.add_argument("--workload", default="tiles45", choices=["tiles45", "clip"])
+    p.add_argument("--workload", default="tiles45", choices=list(WORKLOADS))
     a = p.parse_args(argv)
 
     proc = ag.AutoGazeProcessor.from_pretrained(a.model)
-    clip, tiles = bench_inputs(proc, tiles=45 if a.workload == "tiles45" else None)
+    clip, tiles = bench_inputs(proc, tiles=45 if a.workload.startswith("tiles") else None)
     video = clip if tiles is None else tiles
+    ratio, requirement = WORKLOADS[a.workload]
+    gen_kw = {"gazing_ratio": ratio, "task_loss_requirement": requirement}
     runs = []
     for spec in a.runs.split(","):
         name, _, dev = spec.partition(":")
-        kw = {"device": dev} if dev else {}
-        model = ag.AutoGaze.from_pretrained(a.model, backend=name, **kw)
-        out = model.generate(video)
+        backend, kw = BACKEND_VARIANTS.get(name, (name, {}))
+        kw = {**kw, "device": dev} if dev else kw
+        model = ag.AutoGaze.from_pretrained(a.model, backend=backend, **kw)
+        out = model.generate(video, **gen_kw)
         runs.append((spec, model, list(out.frame_tokens)))
         print(f"{spec:16s} slots {int(out.num_gazing_each_frame.sum()) * out.batch_size}", flush=True)
 
     spec0, model0, toks0 = runs[0]
     cfg = model0.config
     V, K, pad = cfg.num_vision_tokens_each_frame, cfg.decoder.num_multi_token_pred, cfg.pad_token_id
-    ratios, req = resolve_gazing_params(cfg, None, None, video.shape[1])
+    ratios, req = resolve_gazing_params(cfg, ratio, requirement, video.shape[1])
     budgets = [gazing_budget(r, V) for r in ratios]
 
     # The first run's decisions, recorded step by step with the reference's loop on its device.

@@ -6,8 +6,13 @@ restore alone) and each kernel's time (torch.profiler).
     python scripts/tune_triton_decode.py --model DIR [--batch 1,45] [--cache-len 3000]
         [--prefill-attn 4,8,16] [--prefill-q 32,64] [--set PREFILL_BLOCK_R=32,64 ...]
 
-``--set NAME=V1,V2`` varies any other ``FusedDecoder`` setting (repeatable); the grid is the
-product of every list.
+``--set NAME=V1,V2`` varies any other ``FusedDecoder`` setting (repeatable; integers, or
+strings such as ``PREFILL_ATTN_PRECISION=ieee,tf32x3``); the grid is the product of every list.
+
+Each configuration's step and prefill outputs are also compared with the eager torch path's
+on the same state (cuBLAS float32, TF32 off: the reference's arithmetic): ``dlogits`` /
+``dtl`` / ``dk`` are the max abs differences of the logits, the task losses and the last
+layer's keys written.
 
 The state is mid-frame (nothing chosen yet, no task-loss stop), so every step runs all its
 kernels; the cache holds ``--cache-len`` keys.
@@ -20,6 +25,32 @@ import itertools
 import sys
 from collections import defaultdict
 from pathlib import Path
+
+
+def against_eager(st, fn, restore, L: int) -> str:
+    """Max abs differences between what ``fn`` (a fused step or prefill from the restored
+    state) writes and what the eager torch path writes from the same state."""
+    import torch
+
+    def outputs():
+        T = int(st.cache_len) - L
+        return st.logits.clone(), st.task_loss.clone(), st.k_cache[-1][:, :, L : L + T].clone()
+
+    restore()
+    fn()
+    fused_out = outputs()
+    fused, st.fused, st.kv_len = st.fused, None, st.cap
+    try:
+        restore()
+        fn()
+        eager_out = outputs()
+    finally:
+        st.fused = fused
+    torch.cuda.synchronize()
+    if fused_out[2].shape != eager_out[2].shape:
+        return f"(eager wrote {eager_out[2].shape[2]} slots, fused {fused_out[2].shape[2]})"
+    d = [float((a - b).abs().max()) if a.numel() else 0.0 for a, b in zip(fused_out, eager_out)]
+    return f"dlogits {d[0]:.2e} dtl {d[1]:.2e} dk {d[2]:.2e} (|logits| {float(eager_out[0].abs().max()):.1f})"
 
 
 def main(argv=None) -> int:
@@ -45,9 +76,12 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     model = ag.AutoGaze.from_pretrained(a.model, backend="torch", device="cuda", decode_kernels="triton")
     be = model.backend
+    errs = be.fused.product_errors()
+    print("products' max abs error against float64 (x @ Wqkv^T, 450 rows): "
+          + ", ".join(f"{k} {v:.2e}" for k, v in errs.items()), flush=True)
     g = torch.Generator(device="cuda").manual_seed(0)
     for B in [int(x) for x in a.batch.split(",")]:
-        extra = [(name, [int(v) for v in values.split(",")])
+        extra = [(name, [int(v) if v.lstrip("-").isdigit() else v for v in values.split(",")])
                  for name, values in (kv.split("=", 1) for kv in a.set)]
         grid = itertools.product(a.block_n.split(","), a.attn.split(","), a.warps.split(","),
                                  a.prefill_attn.split(","), a.prefill_q.split(","),
@@ -56,7 +90,8 @@ def main(argv=None) -> int:
             blocks, abn = (int(x) for x in attn.split("x"))
             cfg = {"BLOCK_N": int(bn), "FEW_ROWS_BLOCK_N": int(bn), "ATTN_BLOCKS": blocks, "FEW_ROWS_ATTN_BLOCKS": blocks, "ATTN_BLOCK_N": abn,
                    "FEW_ROWS_ATTN_BLOCK_N": abn,
-                   "NUM_WARPS": int(nw), "PREFILL_ATTN_BLOCKS": int(pattn), "PREFILL_BLOCK_Q": int(pq)}
+                   "NUM_WARPS": int(nw), "PREFILL_ATTN_BLOCKS": int(pattn), "PREFILL_BLOCK_Q": int(pq),
+                   "BATCH_PREFILL_BLOCK_Q": int(pq)}
             cfg.update({name: v for (name, _), v in zip(extra, more, strict=True)})
             fused = type("Tuned", (FusedDecoder,), cfg)(be)
             be.fused = fused
@@ -81,16 +116,17 @@ def main(argv=None) -> int:
             st.fused_buffers["pf_sin"].copy_(sin.flatten(0, 1))
             st.vision_buf.normal_(generator=g)
             st.key_mask[:, L : L + st.prefill_len] = True
-            live = (st.chosen, st.n_frame, st.done, st.cache_len, st.frame_tokens)
+            live = (st.chosen, st.n_frame, st.done, st.cache_len, st.frame_tokens, st.logits, st.task_loss,
+                    st.finished, st.first, st.key_mask)
             saved = [t.clone() for t in live]
 
             def restore(live=live, saved=saved):
                 for t, v in zip(live, saved):
                     t.copy_(v)
 
-            def one(fused=fused, st=st, restore=restore):
+            def one(st=st, restore=restore):  # a step (the fused kernels unless st.fused is None)
                 restore()
-                fused.step(st)
+                st._decode_step()
 
             def prefill(st=st, restore=restore):  # the whole prefill (torch GEMMs for large batches)
                 restore()
@@ -131,8 +167,9 @@ def main(argv=None) -> int:
                             per[e.name][0] += 1
                             per[e.name][1] += e.device_time
                     kernels[name] = " ".join(f"{n}={us / c:.1f}" for n, (c, us) in sorted(per.items()))
-            print(f"B={B:3d} {cfg} step {times['step'] - times['restore']:7.1f} us (ran={ran}) | {kernels['step']}\n"
-                  f"      prefill {times['prefill'] - times['restore']:7.1f} us (ran={ran_prefill}) | {kernels['prefill']}",
+                err = {name: against_eager(st, fn, restore, L) for name, fn in (("step", one), ("prefill", prefill))}
+            print(f"B={B:3d} {cfg} step {times['step'] - times['restore']:7.1f} us (ran={ran}) {err['step']} | {kernels['step']}\n"
+                  f"      prefill {times['prefill'] - times['restore']:7.1f} us (ran={ran_prefill}) {err['prefill']} | {kernels['prefill']}",
                   flush=True)
             be.release_state(st)
             be.close()

@@ -56,6 +56,31 @@ def test_decode_kernels_choice_and_errors():
         ag.AutoGaze.from_pretrained(MODEL_DIR, backend="reference", decode_kernels="torch")
 
 
+def test_triton_ieee_makes_every_product_an_fma(fused):
+    """decode_kernels="triton-ieee": the same kernels with every tl.dot in IEEE float32;
+    the default mixes in 3xTF32 where it was faster, and its settings name only those two."""
+    from autogaze_wgpu.backends.triton_decode import FusedDecoder
+
+    names = [n for n in dir(FusedDecoder) if n.endswith("_PRECISION")]
+    assert set(names) == {n for n in FusedDecoder.IEEE_SETTINGS if n.endswith("_PRECISION")}
+    assert {getattr(fused.backend.fused, n) for n in names} <= {"ieee", "tf32x3"}
+    assert not fused.backend.fused.ieee
+    strict = _model("triton-ieee").backend.fused
+    assert strict.ieee and {getattr(strict, n) for n in names} == {"ieee"}
+
+
+def test_products_are_float32_accurate(fused):
+    """Both tl.dot precisions the kernels use are float32-accurate: within a few times
+    cuBLAS's float32 error against float64 (3xTF32 drops the low x low product, ~2^-22
+    relative), far from TF32's (10-bit operands, the fast mode's) on a GPU."""
+    err = fused.backend.fused.product_errors()
+    assert 0 < err["torch float32"] < 1e-4
+    assert err["ieee"] <= 4 * err["torch float32"]
+    assert err["tf32x3"] <= 8 * err["torch float32"]
+    if DEVICE != "cpu":
+        assert err["torch tf32"] > 50 * err["tf32x3"]
+
+
 def test_triton_on_cpu_without_the_interpreter_is_refused(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ag.BackendError, match="runs on CUDA devices"):

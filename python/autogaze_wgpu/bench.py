@@ -46,11 +46,14 @@ def _median_time(fn: Callable[[], object], repeat: int) -> tuple[float, object]:
 
 
 # Names the benchmark accepts besides the backends: a backend with options.
-BACKEND_VARIANTS = {"torch-eager": ("torch", {"decode_kernels": "torch"})}
+BACKEND_VARIANTS = {
+    "torch-eager": ("torch", {"decode_kernels": "torch"}),
+    "torch-ieee": ("torch", {"decode_kernels": "triton-ieee"}),
+}
 
 
 def device_name(backend: str, model) -> str:
-    if backend in ("torch", "torch-eager", "reference"):
+    if backend in ("torch", "reference") or backend in BACKEND_VARIANTS:
         import torch
 
         dev = model.backend.device
@@ -163,7 +166,8 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="model dir (default: a random-weight model in the released format)")
     p.add_argument("--backends", default=",".join(ag.available_backends()),
-                   help="comma-separated; also 'torch-eager' (the torch backend with its eager decode step)")
+                   help="comma-separated; also 'torch-eager' (the torch backend with its eager decode step) "
+                        "and 'torch-ieee' (its Triton step with every product an FMA, no 3xTF32)")
     p.add_argument("--device", help="torch device for the reference/torch backends (default: cuda if available)")
     p.add_argument("--workloads", default="clip,no-stop,clip788,tiles45,stream,score,video1080")
     p.add_argument("--repeat", type=int, default=5)

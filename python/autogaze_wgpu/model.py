@@ -135,7 +135,8 @@ class AutoGaze:
             (bfloat16 GEMMs; selection stays float32). docs/benchmarks.md has their agreement.
         backend_options: the backend's own settings. The torch backend's ``decode_kernels``:
             "auto" (default: the fused Triton kernels on CUDA in float32, else the eager torch
-            step), "triton" or "torch"; its ``steps_per_sync``: decode steps per CUDA graph
+            step), "triton", "triton-ieee" (the Triton kernels with every product a float32
+            FMA instead of 3xTF32 where that is faster) or "torch"; its ``steps_per_sync``: decode steps per CUDA graph
             launch at most, each launch one host read when a task-loss requirement can stop
             a frame early (default None: 4).
         """

@@ -305,7 +305,8 @@ class DecodeState:
             cos, sin = rope_cos_sin(dec.model.inv_freq, positions[:, -K:])
             self.rope_cos.copy_(cos)
             self.rope_sin.copy_(sin)
-        if self.fused is not None and self.B * self.prefill_len >= self.fused.PREFILL_TORCH_GEMM_ROWS:
+        cublas_rows = None if self.fused is None else self.fused.PREFILL_TORCH_GEMM_ROWS
+        if cublas_rows is not None and self.B * self.prefill_len >= cublas_rows:
             # a large batch: the layers' GEMMs through cuBLAS (float32), the attention Triton's
             x = torch.cat([dec.model.embed_tokens(self.pending_buf), self.vision_buf], dim=1)
             attend = lambda i, q: self.fused.prefill_attention(self, i, q)  # noqa: E731
@@ -521,14 +522,15 @@ class TorchBackend(ReferenceBackend):
         # generate() runs one call at a time per model (its state and graphs are in use).
         self._lock = threading.Lock()
 
-    DECODE_KERNELS = ("auto", "triton", "torch")
+    DECODE_KERNELS = ("auto", "triton", "triton-ieee", "torch")
 
     def _fused_decoder(self, choice: Optional[str]):
-        """The decode step's kernels: "triton" (``triton_decode``, fused float32 kernels),
-        "torch" (the eager step above, captured in graphs on CUDA) or "auto" (the default;
-        also ``AUTOGAZE_TORCH_DECODE``): Triton on CUDA in float32 when it is installed and
-        fits the model, else torch. The fast modes keep the torch step: their point is
-        tensor-core GEMMs, and Triton's step is float32."""
+        """The decode step's kernels: "triton" (``triton_decode``, fused float32 kernels, their
+        products as FMA or 3xTF32, whichever is faster), "triton-ieee" (the same kernels,
+        every product an FMA), "torch" (the eager step above, captured in graphs on CUDA)
+        or "auto" (the default; also ``AUTOGAZE_TORCH_DECODE``): "triton" on CUDA in float32
+        when Triton is installed and fits the model, else torch. The fast modes keep the
+        torch step: their point is tensor-core GEMMs, and Triton's step is float32."""
         if choice is None:
             choice = os.environ.get("AUTOGAZE_TORCH_DECODE", "auto")
         if choice not in self.DECODE_KERNELS:
@@ -541,20 +543,20 @@ class TorchBackend(ReferenceBackend):
             return None
         if self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise BackendError(
-                f"decode_kernels='triton' runs on CUDA devices, not {self.device.type!r} "
+                f"decode_kernels={choice!r} runs on CUDA devices, not {self.device.type!r} "
                 "(on the CPU only under Triton's interpreter, TRITON_INTERPRET=1, for testing)"
             )
         try:
             triton_decode = load_triton_decode()
         except ImportError as e:
-            if choice == "triton":
-                raise BackendError(f"decode_kernels='triton' needs Triton (`pip install triton`): {e}") from None
+            if choice != "auto":
+                raise BackendError(f"decode_kernels={choice!r} needs Triton (`pip install triton`): {e}") from None
             return None
         if not triton_decode.supported(self.config.decoder):
             if choice == "auto":
                 return None
-            raise BackendError("decode_kernels='triton' does not support this decoder's shapes")
-        return triton_decode.FusedDecoder(self)
+            raise BackendError(f"decode_kernels={choice!r} does not support this decoder's shapes")
+        return triton_decode.FusedDecoder(self, ieee=choice == "triton-ieee")
 
     @contextlib.contextmanager
     def mode(self):

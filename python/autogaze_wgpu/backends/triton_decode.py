@@ -17,8 +17,9 @@ is:
 
 The prefill (``FusedDecoder.prefill``) runs the same kernels over a row's K pending slots and
 vision tokens, its attention split over the queries (blocks of PREFILL_BLOCK_Q) as well as
-the keys. A large batch's prefill (PREFILL_TORCH_GEMM_ROWS) takes cuBLAS's GEMMs instead, in
-the eager layers (``DecodeState._layers``), around this attention (``prefill_attention``).
+the keys; a large batch's (BATCH_PREFILL_ROWS) in larger tiles. With PREFILL_TORCH_GEMM_ROWS
+set (``decode_kernels="triton-ieee"``) a large batch's prefill takes cuBLAS's GEMMs instead,
+in the eager layers (``DecodeState._layers``), around this attention (``prefill_attention``).
 A frame's last possible step only chooses (``step(..., run_tokens=False)``).
 
 Every kernel reads the step's ``run`` flag (written by ``_select``) and writes nothing when the
@@ -27,10 +28,17 @@ kernels still compute before their masked stores, so such a step costs about a f
 which is why the launches cover only the steps a frame can take (``DecodeState.frame``). Lengths (cache length, frame length) are device scalars read by the kernels,
 so one graph serves every cache length (no key-length buckets).
 
-Arithmetic: float32 everywhere; products through ``tl.dot(..., input_precision="ieee")``
-(never TF32). The summation order differs from cuBLAS's, as the eager few-row path's
-products + sums already did: logits agree to float32 noise, and tokens agree wherever the
-reference's own top-2 logits are further apart than that (docs/benchmarks.md).
+Arithmetic: float32 everywhere, never TF32. Products go through ``tl.dot(...,
+input_precision=PRECISION)``, per kernel use either "ieee" (float32 FMAs) or "tf32x3" (the
+3xTF32 float32 emulation on tensor cores: each operand split into a TF32 high part and a
+TF32 remainder, the three products that matter summed in float32; only remainder x
+remainder, ~2^-22 relative, is dropped), whichever was faster (``FusedDecoder``'s settings).
+Against float64, a q/k/v product on an H200 is off by 4.3e-6 in tf32x3, 6.7e-6 in FMA and in
+cuBLAS float32 (the reference's), 3.7e-3 in TF32 (``FusedDecoder.product_errors``). The
+summation order differs from cuBLAS's, as the eager few-row path's products + sums already
+did: logits agree to float32 noise, and tokens agree wherever the reference's own top-2
+logits are further apart than that (docs/benchmarks.md). ``decode_kernels="triton-ieee"``
+runs every product as FMAs.
 
 On CPU the kernels run under Triton's interpreter (``TRITON_INTERPRET=1``) with larger tiles
 (``INTERPRETER_TILES``); the tests use it to check this path against the eager step in CI,
@@ -181,15 +189,16 @@ def _w_chunk(w_ptr, out_rows, out_ok, kk, KD: tl.constexpr):
 def _matmul_t(
     src, rmask, scale, norm_ptr, w_ptr, out_rows, out_ok,
     KD: tl.constexpr, NORM: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """(BLOCK_R, BLOCK_N) = a @ W[out_rows]^T, a = ``_a_chunk``'s rows; chunks of BLOCK_K
-    through ``tl.dot`` in IEEE float32 (never TF32)."""
+    through ``tl.dot`` at ``PRECISION`` ("ieee" or "tf32x3", never "tf32": see the module's
+    docstring)."""
     acc = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
     for k0 in tl.static_range(0, KD, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         a = _a_chunk(src, rmask, scale, norm_ptr, kk, KD, NORM)
-        acc = tl.dot(a, _w_chunk(w_ptr, out_rows, out_ok, kk, KD), acc, input_precision="ieee")
+        acc = tl.dot(a, _w_chunk(w_ptr, out_rows, out_ok, kk, KD), acc, input_precision=PRECISION)
     return acc
 
 
@@ -197,7 +206,7 @@ def _matmul_t(
 def _matmul_t2(
     src, rmask, scale, norm_ptr, w_ptr, rows_1, rows_2, out_ok,
     KD: tl.constexpr, NORM: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """``_matmul_t`` for two sets of W rows sharing each chunk of a (q/k/v halves, gate/up):
     a is loaded once for both products."""
@@ -206,8 +215,8 @@ def _matmul_t2(
     for k0 in tl.static_range(0, KD, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         a = _a_chunk(src, rmask, scale, norm_ptr, kk, KD, NORM)
-        acc_1 = tl.dot(a, _w_chunk(w_ptr, rows_1, out_ok, kk, KD), acc_1, input_precision="ieee")
-        acc_2 = tl.dot(a, _w_chunk(w_ptr, rows_2, out_ok, kk, KD), acc_2, input_precision="ieee")
+        acc_1 = tl.dot(a, _w_chunk(w_ptr, rows_1, out_ok, kk, KD), acc_1, input_precision=PRECISION)
+        acc_2 = tl.dot(a, _w_chunk(w_ptr, rows_2, out_ok, kk, KD), acc_2, input_precision=PRECISION)
     return acc_1, acc_2
 
 
@@ -217,7 +226,7 @@ def _qkv(
     cache_len_ptr, run_ptr, R, cap, eps,
     GATHER: tl.constexpr, T: tl.constexpr, NG: tl.constexpr,
     C: tl.constexpr, H: tl.constexpr, HD: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """RMSNorm(x) @ [Wq; Wk; Wv]^T for one head of q, k or v (program axis 1), RoPE on q and
     k, q to ``q_ptr`` (B, H, T, HD) and k/v into the cache at slots cache_len + [0, T), for
@@ -258,7 +267,7 @@ def _qkv(
     base = which * C + head * HD
     ok = n < HALF
     lo, hi = _matmul_t2(src, rmask, inv, norm_ptr, w_ptr, base + n, base + HALF + n, ok, C, True,
-                        BLOCK_R, HALF, BLOCK_K)
+                        BLOCK_R, HALF, BLOCK_K, PRECISION)
     if which < 2:  # RoPE, rotate-half convention: (lo, hi) -> (lo c - hi s, hi c + lo s)
         lo, hi = lo * c_lo + (-hi) * s_lo, hi * c_hi + lo * s_hi
     ms = rmask[:, None] & run
@@ -279,7 +288,7 @@ def _qkv(
 @triton.jit
 def _attend_block(
     q, qs, kn, kv_base, kc_ptr, vc_ptr, km_base, cache_len, end, scale, m_i, l_i, acc,
-    HD: tl.constexpr,
+    HD: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Online-softmax update of the queries q (tokens qs, at slots cache_len + qs) with the
     keys at slots kn: causal (slot <= the query's), the key mask, slots < end."""
@@ -288,7 +297,7 @@ def _attend_block(
     keys = tl.load(kc_ptr + kv_base + kn[:, None] * HD + d[None, :], mask=inn[:, None], other=0.0)
     vals = tl.load(vc_ptr + kv_base + kn[:, None] * HD + d[None, :], mask=inn[:, None], other=0.0)
     key_ok = tl.load(km_base + kn, mask=inn, other=0).to(tl.int32) != 0
-    s = tl.dot(q, tl.trans(keys), input_precision="ieee") * scale
+    s = tl.dot(q, tl.trans(keys), input_precision=PRECISION) * scale
     allowed = (kn[None, :] <= cache_len + qs[:, None]) & key_ok[None, :] & inn[None, :]
     s = tl.where(allowed, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -296,7 +305,7 @@ def _attend_block(
     alpha = tl.exp(m_i - m_safe)
     p = tl.exp(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = tl.dot(p, vals, acc * alpha[:, None], input_precision="ieee")
+    acc = tl.dot(p, vals, acc * alpha[:, None], input_precision=PRECISION)
     return m_new, l_i, acc
 
 
@@ -305,7 +314,7 @@ def _attention(
     q_ptr, kc_ptr, vc_ptr, key_mask_ptr, km_stride, cache_len_ptr, run_ptr,
     pm_ptr, pl_ptr, pacc_ptr, cap, S, scale,
     T: tl.constexpr, H: tl.constexpr, HD: tl.constexpr,
-    BLOCKS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr,
+    BLOCKS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """BLOCK_Q of the T queries of one (row, head) (program axis 2; a decode step has T = K,
     one block) against one split of the cache (axis 1: BLOCKS x BLOCK_N keys): causal (query
@@ -332,7 +341,7 @@ def _attention(
         for j in range(BLOCKS):
             kn = (sp * BLOCKS + j) * BLOCK_N + tl.arange(0, BLOCK_N)
             m_i, l_i, acc = _attend_block(q, qs, kn, kv, kc_ptr, vc_ptr, key_mask_ptr + b * km_stride,
-                                          cache_len, end, scale, m_i, l_i, acc, HD)
+                                          cache_len, end, scale, m_i, l_i, acc, HD, PRECISION)
         o = ((bh * S + sp) * T + qs).to(tl.int64)
         tl.store(pm_ptr + o, m_i, mask=qm)
         tl.store(pl_ptr + o, l_i, mask=qm)
@@ -384,7 +393,7 @@ def _merge(
 def _linear_residual(
     a_ptr, w_ptr, x_ptr, run_ptr, R,
     N: tl.constexpr, KD: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """x (R, N) += a (R, KD) @ W^T, W (N, KD): o_proj and down_proj with their residual."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -395,7 +404,7 @@ def _linear_residual(
     run = _run_flag(run_ptr, rows)[:, None]
     # (no RMSNorm: the scale and norm arguments are unused, x_ptr stands in for both)
     y = _matmul_t(a_ptr + rows * KD, rows < R, x_ptr, x_ptr, w_ptr, cols, cols < N, KD, False,
-                  BLOCK_R, BLOCK_N, BLOCK_K)
+                  BLOCK_R, BLOCK_N, BLOCK_K, PRECISION)
     tl.store(xo, x + y, mask=m2 & run)
 
 
@@ -404,6 +413,7 @@ def _gate_up(
     x_ptr, norm_ptr, w_ptr, act_ptr, run_ptr, R, eps,
     C: tl.constexpr, I: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """act = silu(h Wg^T) * (h Wu^T), h = RMSNorm(x); W = [Wg; Wu] (2I, C)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -412,7 +422,8 @@ def _gate_up(
     run = _run_flag(run_ptr, rows)[:, None]
     src = x_ptr + rows * C
     inv = _rms_scale(src, rmask, C, BLOCK_C, eps)
-    g, u = _matmul_t2(src, rmask, inv, norm_ptr, w_ptr, cols, I + cols, cols < I, C, True, BLOCK_R, BLOCK_N, BLOCK_K)
+    g, u = _matmul_t2(src, rmask, inv, norm_ptr, w_ptr, cols, I + cols, cols < I, C, True, BLOCK_R, BLOCK_N, BLOCK_K,
+                      PRECISION)
     act = g / (1.0 + tl.exp(-g)) * u
     tl.store(act_ptr + rows[:, None] * I + cols[None, :], act, mask=rmask[:, None] & (cols[None, :] < I) & run)
 
@@ -433,7 +444,8 @@ def _heads(
     run = _run_flag(run_ptr, bs)[:, None]
     src = x_ptr + (bs * T + (T - 1)).to(tl.int64) * C
     inv = _rms_scale(src, bmask, C, BLOCK_C, eps)
-    out = _matmul_t(src, bmask, inv, norm_ptr, w_ptr, cols, cols < NL + K, C, True, BLOCK_R, BLOCK_N, BLOCK_K)
+    out = _matmul_t(src, bmask, inv, norm_ptr, w_ptr, cols, cols < NL + K, C, True, BLOCK_R, BLOCK_N, BLOCK_K,
+                    "ieee")
     tl.store(logits_ptr + bs[:, None] * NL + cols[None, :], out, mask=bmask[:, None] & (cols[None, :] < NL) & run)
     tm = bmask[:, None] & (cols[None, :] >= NL) & (cols[None, :] < NL + K) & run
     tl.store(task_loss_ptr + bs[:, None] * K + (cols[None, :] - NL), out, mask=tm)
@@ -468,36 +480,53 @@ class FusedDecoder:
     # loop), ATTN_NUM_WARPS warps a program; _merge takes MERGE_BLOCK_S splits at a time;
     # warps per GEMM program. (scripts/tune_triton_decode.py times alternatives on a GPU;
     # the numbers below are an H200's with a 3000-key cache, docs/benchmarks.md.)
-    # Few rows (one video: 10) take narrower column blocks and shorter attention splits, for
-    # more programs: one video's step is 233-240 us for every variant tried (looped or
-    # unrolled splits, 2 x 64 or 2 x 128 keys for its prefill). Batches: 45 tiles' step
-    # attention took 203 us a launch in unrolled 4 x 64-key splits, 183 looped, 172 looped
-    # with 2 warps, 144 in 2 x 128-key splits with 2 warps (656 with 1; 4 x 64 and 8 x 32
-    # ~173); their o_proj / gate-up / down in 32-row tiles took 14.8 / 34.9 / 14.8 us against
-    # 23.0 / 43.4 / 23.0 in 16-row ones (64 rows: 36.7 / 56.2), while q/k/v was slower in 32
-    # (46.4 against 34.5 us), so it keeps BLOCK_R.
+    # Products (tl.dot) are "ieee" (FMA) or "tf32x3" (three TF32 tensor-core products,
+    # CUTLASS's float32 emulation, see the module docstring), whichever was faster; the
+    # heads (logits, task loss) always FMA. decode_kernels="triton-ieee" (IEEE_SETTINGS)
+    # makes every product an FMA, with the tiles that were fastest for FMA.
+    # A step: tf32x3 GEMMs took 34.5 -> 18.4 us (q/k/v), 34.8 -> 15.2 (gate/up), 14.7 -> 9.7
+    # (o_proj, down) for 45 tiles, one video's step 299 -> 175 us. 45 tiles' step with
+    # tf32x3 attention: 862 us in splits of 2 x 128 keys with 2 warps (FMA's best), 767
+    # with 4, 740 in 4 x 64 with 2, 727 in 2 x 64 with 4; their o_proj / gate-up / down stay
+    # in 32-row tiles (BATCH_MLP_BLOCK_R; 64: 867-924 us a step), q/k/v in 16 (32: 886).
+    # One video (10 rows): 32 columns a GEMM program, 165 us a step against 180 for 16.
     BLOCK_R, BLOCK_N, BLOCK_K, HEADS_BLOCK_N = 16, 32, 64, 64
-    FEW_ROWS, FEW_ROWS_BLOCK_N, FEW_ROWS_ATTN_BLOCKS, FEW_ROWS_ATTN_BLOCK_N = 64, 16, 2, 64
-    ATTN_BLOCKS, ATTN_BLOCK_N = 2, 128
-    ATTN_NUM_WARPS, FEW_ROWS_ATTN_NUM_WARPS = 2, 4
+    FEW_ROWS, FEW_ROWS_BLOCK_N, FEW_ROWS_ATTN_BLOCKS, FEW_ROWS_ATTN_BLOCK_N = 64, 32, 2, 64
+    ATTN_BLOCKS, ATTN_BLOCK_N = 2, 64
+    ATTN_NUM_WARPS, FEW_ROWS_ATTN_NUM_WARPS = 4, 4
     BATCH_MLP_BLOCK_R = 32  # a batch step's o_proj, gate/up and down
     MERGE_BLOCK_S = 32
     NUM_WARPS = 4
+    ATTN_PRECISION, GEMM_PRECISION = "tf32x3", "tf32x3"
     # The prefill (~200 tokens a row): rows per GEMM tile, queries per attention program; a
     # split of its attention is PREFILL_ATTN_BLOCKS blocks of PREFILL_ATTN_BLOCK_N keys (a
-    # loop), merged PREFILL_MERGE_BLOCK_S at a time. One video's prefill attention took 143
-    # us a launch as one program per query block over every key, 67 / 80 / 101 us in splits
-    # of 4 / 8 / 16 x 64 keys, 48.5 in 2 x 128 (59 in 4 x 128); 45 tiles' 2.39 ms in 4 x 64,
-    # 1.72 in 2 x 128. Unrolled splits were much slower (8 blocks: 680 us), and 64-query
-    # blocks spilled (45 tiles: 56 ms).
+    # loop), merged PREFILL_MERGE_BLOCK_S splits x PREFILL_MERGE_BLOCK_Q queries a program
+    # (at most the attention's queries). One video's prefill attention (FMA) took 143 us a
+    # launch as one program per query block over every key, 67 / 80 / 101 us in splits of
+    # 4 / 8 / 16 x 64 keys, 48.5 in 2 x 128 (59 in 4 x 128), 90 in tf32x3; its GEMMs in
+    # tf32x3 547 -> 448 us a frame. Unrolled splits were much slower (8 blocks: 680 us).
     PREFILL_BLOCK_R, PREFILL_BLOCK_Q = 32, 32
     PREFILL_ATTN_BLOCKS, PREFILL_MERGE_BLOCK_S, PREFILL_ATTN_BLOCK_N = 2, 16, 128
+    PREFILL_MERGE_BLOCK_Q = 32
     # The prefill's GEMM tiles: output columns per program, warps per program.
     PREFILL_BLOCK_N, PREFILL_NUM_WARPS = 32, 4
-    # Token rows (batch x prefill tokens) from which the prefill's GEMMs go through cuBLAS
-    # (float32, TF32 off: DecodeState._layers with this attention) instead of these kernels:
-    # 45 tiles' prefill 12.8 -> 8.9 ms, while one video's (206 rows) would go 0.57 -> 0.69.
-    PREFILL_TORCH_GEMM_ROWS = 2048
+    PREFILL_ATTN_PRECISION, PREFILL_GEMM_PRECISION = "ieee", "tf32x3"
+    # A large batch's prefill (from BATCH_PREFILL_ROWS token rows, batch x prefill tokens):
+    # 45 tiles' attention in tf32x3 with 64-query blocks took 956 us a launch against 1718
+    # for FMA's best (32 queries; 64 spill in FMA: 9.5 ms); its GEMMs in tf32x3 64 x 64
+    # tiles 5.33 ms a frame against 5.82 through cuBLAS (FMA) and 5.66-6.16 in smaller tiles.
+    BATCH_PREFILL_ROWS = 2048
+    BATCH_PREFILL_ATTN_PRECISION, BATCH_PREFILL_BLOCK_Q = "tf32x3", 64
+    BATCH_PREFILL_BLOCK_R, BATCH_PREFILL_BLOCK_N = 64, 64
+    # Token rows from which the prefill's GEMMs go through cuBLAS (float32, TF32 off:
+    # DecodeState._layers with this attention) instead of these kernels; None: never. FMA
+    # kernels took 12.8 ms a frame for 45 tiles against cuBLAS's 8.9, so triton-ieee does.
+    PREFILL_TORCH_GEMM_ROWS = None
+    IEEE_SETTINGS = {
+        "ATTN_PRECISION": "ieee", "GEMM_PRECISION": "ieee", "PREFILL_ATTN_PRECISION": "ieee",
+        "PREFILL_GEMM_PRECISION": "ieee", "BATCH_PREFILL_ATTN_PRECISION": "ieee", "BATCH_PREFILL_BLOCK_Q": 32,
+        "ATTN_BLOCK_N": 128, "ATTN_NUM_WARPS": 2, "FEW_ROWS_BLOCK_N": 16, "PREFILL_TORCH_GEMM_ROWS": 2048,
+    }
     # Under the interpreter (CPU tests) every Triton op costs ~0.1 ms of Python whatever its
     # size, so the tiles are as large as the shapes allow: the same kernels with far fewer
     # programs and ops. Only the summation order within a product (BLOCK_K chunks) and the
@@ -506,10 +535,11 @@ class FusedDecoder:
         "BLOCK_R": 32, "BATCH_MLP_BLOCK_R": 32, "BLOCK_N": 128, "BLOCK_K": 256, "HEADS_BLOCK_N": 512, "FEW_ROWS_BLOCK_N": 128,
         "ATTN_BLOCKS": 1, "FEW_ROWS_ATTN_BLOCKS": 1, "ATTN_BLOCK_N": 512, "FEW_ROWS_ATTN_BLOCK_N": 512, "MERGE_BLOCK_S": 16,
         "PREFILL_BLOCK_R": 256, "PREFILL_BLOCK_Q": 256, "PREFILL_ATTN_BLOCKS": 8,
-        "PREFILL_BLOCK_N": 128, "PREFILL_ATTN_BLOCK_N": 512,
+        "PREFILL_BLOCK_N": 128, "PREFILL_ATTN_BLOCK_N": 512, "BATCH_PREFILL_BLOCK_Q": 256,
+        "PREFILL_MERGE_BLOCK_Q": 256, "BATCH_PREFILL_BLOCK_R": 256, "BATCH_PREFILL_BLOCK_N": 128,
     }
 
-    def __init__(self, backend):
+    def __init__(self, backend, ieee: bool = False):
         import torch
 
         dec = backend.model.gaze_decoder
@@ -534,9 +564,43 @@ class FusedDecoder:
             ))
         self.final_norm = c(dec.model.norm.weight)
         self.w_heads = c(torch.cat([dec.lm_head.weight, dec.task_loss_prediction_head.weight]))
+        self.ieee = ieee
+        if ieee:
+            for name, value in self.IEEE_SETTINGS.items():
+                setattr(self, name, value)
         if _interpreted(backend.device):
             for name, value in self.INTERPRETER_TILES.items():
                 setattr(self, name, value)
+
+    def product_errors(self, rows: int = 450, seed: int = 0) -> dict[str, float]:
+        """How exact each way of multiplying is, at the decoder's sizes: the max abs error
+        against float64 of x @ [Wq; Wk; Wv]^T for layer 0's weights and x ~ N(0, 1) (rows x
+        hidden, 450 rows: a step of 45 tiles) through this decoder's GEMM kernel at each
+        ``tl.dot`` precision ("ieee", "tf32x3"), and through torch on the same device
+        ("torch float32": cuBLAS with TF32 off, the reference's arithmetic; on CUDA also
+        "torch tf32", the fast mode's)."""
+        import torch
+
+        from .reference import tf32_switch
+
+        w = self.layers[0][1]
+        N, KD = w.shape
+        x = torch.randn(rows, KD, generator=torch.Generator().manual_seed(seed)).to(w.device)
+        exact = x.double() @ w.double().T
+        run = torch.ones(1, device=w.device, dtype=torch.int32)
+        err = lambda y: float((y.double() - exact).abs().max())  # noqa: E731
+        out = {}
+        for precision in ("ieee", "tf32x3"):
+            y = torch.zeros(rows, N, device=w.device)
+            _linear_residual[(triton.cdiv(rows, self.BLOCK_R), triton.cdiv(N, self.BLOCK_N))](
+                x, w, y, run, rows, N=N, KD=KD, BLOCK_R=self.BLOCK_R, BLOCK_N=self.BLOCK_N, BLOCK_K=self.BLOCK_K,
+                PRECISION=precision, num_warps=self.NUM_WARPS,
+            )
+            out[precision] = err(y)
+        for name, allow in (("torch float32", False), ("torch tf32", True))[: 2 if w.is_cuda else 1]:
+            with tf32_switch(allow):
+                out[name] = err(x @ w.T)
+        return out
 
     def _step_attn(self, B: int) -> tuple[int, int, int]:
         """Key blocks per split, keys per block and warps per program of a step's attention
@@ -589,7 +653,8 @@ class FusedDecoder:
         bn = self.FEW_ROWS_BLOCK_N if few else self.BLOCK_N
         mlp_br = self.BLOCK_R if few else self.BATCH_MLP_BLOCK_R
         self._forward(st, K, b["ids"], b["ids"], st.rope_cos, st.rope_sin, b["run"],
-                      b["x"], b["q"], b["y"], b["act"], self.BLOCK_R, bn, self.NUM_WARPS, mlp_br)
+                      b["x"], b["q"], b["y"], b["act"], self.BLOCK_R, bn, self.NUM_WARPS, self.GEMM_PRECISION,
+                      mlp_br)
 
     def prefill(self, st) -> None:
         """The frame's prefill on ``st``: its ``prefill_len`` tokens per row (the K pending
@@ -597,9 +662,14 @@ class FusedDecoder:
         with their key mask already in ``st.key_mask``; K/V into the cache, the heads of the
         last token into ``st.logits``/``st.task_loss``, the cache length advanced."""
         b = st.fused_buffers
-        self._forward(st, st.prefill_len, st.pending_buf, st.vision_buf, b["pf_cos"], b["pf_sin"], b["pf_run"],
-                      b["pf_x"], b["pf_q"], b["pf_y"], b["pf_act"], self.PREFILL_BLOCK_R, self.PREFILL_BLOCK_N,
-                      self.PREFILL_NUM_WARPS)
+        T = st.prefill_len
+        if st.B * T >= self.BATCH_PREFILL_ROWS:
+            BR, BN = self.BATCH_PREFILL_BLOCK_R, self.BATCH_PREFILL_BLOCK_N
+        else:
+            BR, BN = self.PREFILL_BLOCK_R, self.PREFILL_BLOCK_N
+        self._forward(st, T, st.pending_buf, st.vision_buf, b["pf_cos"], b["pf_sin"], b["pf_run"],
+                      b["pf_x"], b["pf_q"], b["pf_y"], b["pf_act"], BR, BN,
+                      self.PREFILL_NUM_WARPS, self.PREFILL_GEMM_PRECISION)
 
     def prefill_attention(self, st, i: int, q):
         """Layer i's prefill attention for ``DecodeState._layers`` (the large-batch prefill,
@@ -618,26 +688,33 @@ class FusedDecoder:
         if T == K:  # a step: its K queries in one block
             blocks, abn, anw = self._step_attn(B)
             S, BQ, BS, part = b["S"], _pow2(max(K, 16)), self.MERGE_BLOCK_S, "p"
+            precision, MQ = self.ATTN_PRECISION, BQ
         else:
             S, blocks, abn, BQ, BS, part = (b["pf_S"], self.PREFILL_ATTN_BLOCKS, self.PREFILL_ATTN_BLOCK_N,
                                             self.PREFILL_BLOCK_Q, self.PREFILL_MERGE_BLOCK_S, "pf_p")
-            anw = nw
+            anw, precision = nw, self.PREFILL_ATTN_PRECISION
+            if B * T >= self.BATCH_PREFILL_ROWS:
+                BQ, precision = self.BATCH_PREFILL_BLOCK_Q, self.BATCH_PREFILL_ATTN_PRECISION
+            # the merge's query blocks nest in the attention's (powers of two), so each reads
+            # only splits its queries' attention block wrote
+            MQ = min(BQ, self.PREFILL_MERGE_BLOCK_Q)
         pm, pl, pacc = b[part + "m"], b[part + "l"], b[part + "acc"]
         q_blocks = triton.cdiv(T, BQ)
         _attention[(B * H, S, q_blocks)](
             q, st.k_cache[i], st.v_cache[i], st.key_mask, st.key_mask.stride(0), st.cache_len,
             run, pm, pl, pacc, st.cap, S, self.scale,
-            T=T, H=H, HD=HD, BLOCKS=blocks, BLOCK_N=abn, BLOCK_Q=BQ, num_warps=anw,
+            T=T, H=H, HD=HD, BLOCKS=blocks, BLOCK_N=abn, BLOCK_Q=BQ, PRECISION=precision, num_warps=anw,
         )
-        _merge[(B * H, q_blocks)](
+        _merge[(B * H, triton.cdiv(T, MQ))](
             pm, pl, pacc, y, st.cache_len, run, S,
-            T=T, H=H, HD=HD, SPLIT=blocks * abn, BLOCK_S=BS, BLOCK_Q=BQ, num_warps=8,
+            T=T, H=H, HD=HD, SPLIT=blocks * abn, BLOCK_S=BS, BLOCK_Q=MQ, num_warps=8,
         )
 
-    def _forward(self, st, T, ids, vision, cos, sin, run, x, q, y, act, BR, BN, nw, MLP_BR=None) -> None:
+    def _forward(self, st, T, ids, vision, cos, sin, run, x, q, y, act, BR, BN, nw, precision, MLP_BR=None) -> None:
         """The decoder over T tokens per row (a step: T = K; the prefill: the frame's tokens),
         split-K attention over the cache then ``_merge``, then the heads. GEMM tiles of BR
-        rows (MLP_BR, default BR, for o_proj, gate/up and down) x BN columns."""
+        rows (MLP_BR, default BR, for o_proj, gate/up and down) x BN columns; the layers'
+        GEMMs at ``precision`` (the heads' always "ieee")."""
         B, K, V, C, H, HD, I = st.B, self.K, self.V, self.C, self.H, self.HD, self.I
         R = B * T
         BK = self.BLOCK_K
@@ -649,18 +726,21 @@ class FusedDecoder:
             _qkv[(rows, 3 * H)](
                 x, ids, self.embed, vision, n_in, w_qkv, cos, sin, q,
                 st.k_cache[i], st.v_cache[i], st.cache_len, run, R, st.cap, self.eps,
-                GATHER=i == 0, T=T, NG=K, C=C, H=H, HD=HD, BLOCK_R=BR, BLOCK_C=BC, BLOCK_K=BK, num_warps=nw,
+                GATHER=i == 0, T=T, NG=K, C=C, H=H, HD=HD, BLOCK_R=BR, BLOCK_C=BC, BLOCK_K=BK,
+                PRECISION=precision, num_warps=nw,
             )
             self._attend(st, i, T, q, y, run, nw)
             _linear_residual[(mlp_rows, triton.cdiv(C, BN))](
-                y, w_o, x, run, R, N=C, KD=C, BLOCK_R=MLP_BR, BLOCK_N=BN, BLOCK_K=BK, num_warps=nw,
+                y, w_o, x, run, R, N=C, KD=C, BLOCK_R=MLP_BR, BLOCK_N=BN, BLOCK_K=BK,
+                PRECISION=precision, num_warps=nw,
             )
             _gate_up[(mlp_rows, triton.cdiv(I, BN))](
                 x, n_post, w_gu, act, run, R, self.eps,
-                C=C, I=I, BLOCK_R=MLP_BR, BLOCK_C=BC, BLOCK_N=BN, BLOCK_K=BK, num_warps=nw,
+                C=C, I=I, BLOCK_R=MLP_BR, BLOCK_C=BC, BLOCK_N=BN, BLOCK_K=BK, PRECISION=precision, num_warps=nw,
             )
             _linear_residual[(mlp_rows, triton.cdiv(C, BN))](
-                act, w_down, x, run, R, N=C, KD=I, BLOCK_R=MLP_BR, BLOCK_N=BN, BLOCK_K=BK, num_warps=nw,
+                act, w_down, x, run, R, N=C, KD=I, BLOCK_R=MLP_BR, BLOCK_N=BN, BLOCK_K=BK,
+                PRECISION=precision, num_warps=nw,
             )
         NL = K * V
         _heads[(triton.cdiv(B, self.BLOCK_R), triton.cdiv(NL + K, self.HEADS_BLOCK_N))](
