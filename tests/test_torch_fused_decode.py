@@ -248,3 +248,34 @@ def test_prefill_with_cublas_gemms_equals_the_triton_prefill(fused, monkeypatch)
     got, want = fused.generate(pv, **kw), ref.generate(pv, **kw)
     np.testing.assert_array_equal(got.gazing_pos, want.gazing_pos)
     np.testing.assert_array_equal(got.if_padded_gazing, want.if_padded_gazing)
+
+
+def test_batch_prefill_tiles_equal_the_small_prefill(fused, monkeypatch):
+    """A large batch's prefill (BATCH_PREFILL_ROWS) takes other tiles: 64-query attention
+    blocks in 3xTF32 on a GPU, GEMMs in 64 x 64 tiles, and merges whose query blocks nest in
+    the attention's (here 1/8 of them, also under the interpreter). Forced on for 2 rows, it
+    gives the same cache, heads and tokens as the small batch's settings, to float32 noise."""
+    be = fused.backend
+    pv = case_pixel_values("a")[:, :2]
+    emb = be.embed(np.concatenate([pv, pv[:, ::-1]]))  # 2 rows, 2 frames
+    states, tokens = [], []
+    for rows in (1 << 30, 0):  # the small batch's settings, then the large batch's for any size
+        monkeypatch.setattr(be.fused, "BATCH_PREFILL_ROWS", rows)
+        if rows == 0:
+            monkeypatch.setattr(be.fused, "PREFILL_MERGE_BLOCK_Q", be.fused.BATCH_PREFILL_BLOCK_Q // 8)
+        st = be.acquire_state(2, be.capacity(2, [26, 26]))
+        with torch.no_grad():
+            tokens.append([st.frame(emb[:, t], 26, 0.7) for t in range(2)])
+        states.append(st)
+    for x, y in zip(*tokens, strict=True):
+        assert torch.equal(x, y)
+    a, b = states
+    L = int(a.cache_len)
+    assert L == int(b.cache_len) and L > 400
+    torch.testing.assert_close(a.k_cache[:, :, :, :L], b.k_cache[:, :, :, :L], atol=1e-3, rtol=0)
+    torch.testing.assert_close(a.v_cache[:, :, :, :L], b.v_cache[:, :, :, :L], atol=1e-3, rtol=0)
+    torch.testing.assert_close(a.logits, b.logits, atol=1e-3, rtol=0)
+    torch.testing.assert_close(a.task_loss, b.task_loss, atol=5e-5, rtol=0)
+    for st in states:
+        be.release_state(st)
+    be.close()

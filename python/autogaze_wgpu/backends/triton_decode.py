@@ -490,12 +490,14 @@ class FusedDecoder:
     # with 4, 740 in 4 x 64 with 2, 727 in 2 x 64 with 4; their o_proj / gate-up / down stay
     # in 32-row tiles (BATCH_MLP_BLOCK_R; 64: 867-924 us a step), q/k/v in 16 (32: 886).
     # One video (10 rows): 32 columns a GEMM program, 165 us a step against 180 for 16.
+    # The step's merge (its K queries a program, no tl.dot padding): 45 tiles' in 2 warps
+    # 6.7 us a launch against 10.0 in 4 and 22.7 in 8 (16 or 64 splits at a time: 7.8-63).
     BLOCK_R, BLOCK_N, BLOCK_K, HEADS_BLOCK_N = 16, 32, 64, 64
     FEW_ROWS, FEW_ROWS_BLOCK_N, FEW_ROWS_ATTN_BLOCKS, FEW_ROWS_ATTN_BLOCK_N = 64, 32, 2, 64
     ATTN_BLOCKS, ATTN_BLOCK_N = 2, 64
     ATTN_NUM_WARPS, FEW_ROWS_ATTN_NUM_WARPS = 4, 4
     BATCH_MLP_BLOCK_R = 32  # a batch step's o_proj, gate/up and down
-    MERGE_BLOCK_S = 32
+    MERGE_BLOCK_S, MERGE_NUM_WARPS = 32, 2
     NUM_WARPS = 4
     ATTN_PRECISION, GEMM_PRECISION = "tf32x3", "tf32x3"
     # The prefill (~200 tokens a row): rows per GEMM tile, queries per attention program; a
@@ -507,7 +509,7 @@ class FusedDecoder:
     # tf32x3 547 -> 448 us a frame. Unrolled splits were much slower (8 blocks: 680 us).
     PREFILL_BLOCK_R, PREFILL_BLOCK_Q = 32, 32
     PREFILL_ATTN_BLOCKS, PREFILL_MERGE_BLOCK_S, PREFILL_ATTN_BLOCK_N = 2, 16, 128
-    PREFILL_MERGE_BLOCK_Q = 32
+    PREFILL_MERGE_BLOCK_Q, PREFILL_MERGE_NUM_WARPS = 32, 8
     # The prefill's GEMM tiles: output columns per program, warps per program.
     PREFILL_BLOCK_N, PREFILL_NUM_WARPS = 32, 4
     PREFILL_ATTN_PRECISION, PREFILL_GEMM_PRECISION = "ieee", "tf32x3"
@@ -688,7 +690,8 @@ class FusedDecoder:
         if T == K:  # a step: its K queries in one block
             blocks, abn, anw = self._step_attn(B)
             S, BQ, BS, part = b["S"], _pow2(max(K, 16)), self.MERGE_BLOCK_S, "p"
-            precision, MQ = self.ATTN_PRECISION, BQ
+            # (the merge has no tl.dot: its block is the K queries, not the dot's 16 rows)
+            precision, MQ, mnw = self.ATTN_PRECISION, _pow2(K), self.MERGE_NUM_WARPS
         else:
             S, blocks, abn, BQ, BS, part = (b["pf_S"], self.PREFILL_ATTN_BLOCKS, self.PREFILL_ATTN_BLOCK_N,
                                             self.PREFILL_BLOCK_Q, self.PREFILL_MERGE_BLOCK_S, "pf_p")
@@ -697,7 +700,7 @@ class FusedDecoder:
                 BQ, precision = self.BATCH_PREFILL_BLOCK_Q, self.BATCH_PREFILL_ATTN_PRECISION
             # the merge's query blocks nest in the attention's (powers of two), so each reads
             # only splits its queries' attention block wrote
-            MQ = min(BQ, self.PREFILL_MERGE_BLOCK_Q)
+            MQ, mnw = min(BQ, self.PREFILL_MERGE_BLOCK_Q), self.PREFILL_MERGE_NUM_WARPS
         pm, pl, pacc = b[part + "m"], b[part + "l"], b[part + "acc"]
         q_blocks = triton.cdiv(T, BQ)
         _attention[(B * H, S, q_blocks)](
@@ -707,7 +710,7 @@ class FusedDecoder:
         )
         _merge[(B * H, triton.cdiv(T, MQ))](
             pm, pl, pacc, y, st.cache_len, run, S,
-            T=T, H=H, HD=HD, SPLIT=blocks * abn, BLOCK_S=BS, BLOCK_Q=MQ, num_warps=8,
+            T=T, H=H, HD=HD, SPLIT=blocks * abn, BLOCK_S=BS, BLOCK_Q=MQ, num_warps=mnw,
         )
 
     def _forward(self, st, T, ids, vision, cos, sin, run, x, q, y, act, BR, BN, nw, precision, MLP_BR=None) -> None:
