@@ -54,7 +54,7 @@ demo: build-dev
 lint: venv
 	cargo fmt --check
 	cargo clippy --all-targets --features python -- -D warnings
-	$(VENV)/bin/ruff check python tests
+	$(VENV)/bin/ruff check python tests scripts
 
 bench: build-dev
 	$(PY) -m autogaze_wgpu.bench

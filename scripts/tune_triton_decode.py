@@ -106,8 +106,11 @@ def main(argv=None) -> int:
             cos, sin = rope_cos_sin(be.model.gaze_decoder.model.inv_freq, st.decode_pos)
             st.rope_cos.copy_(cos)
             st.rope_sin.copy_(sin)
-            st.chosen.zero_(); st.finished.zero_(); st.n_frame.zero_(); st.done.zero_()
-            st.first.fill_(False); st.budget.fill_(265); st.has_requirement.fill_(False)
+            for t in (st.chosen, st.finished, st.n_frame, st.done):
+                t.zero_()
+            st.first.fill_(False)
+            st.budget.fill_(265)
+            st.has_requirement.fill_(False)
             st.cache_len.fill_(L)
             # the prefill's tokens at slots L.. (positions, vision tokens, key mask)
             pos = torch.arange(L, L + st.prefill_len, device="cuda")[None].expand(B, -1)
@@ -134,7 +137,8 @@ def main(argv=None) -> int:
 
             with torch.no_grad():
                 for fn in (one, prefill):
-                    fn(); fn()  # compile
+                    fn()  # compile
+                    fn()
                 torch.cuda.synchronize()
                 ran_prefill = int(st.cache_len) == L + st.prefill_len
                 graphs = {}
@@ -145,15 +149,18 @@ def main(argv=None) -> int:
                     graphs[name] = gr
                 times = {}
                 for name, gr in graphs.items():
-                    gr.replay(); torch.cuda.synchronize()
+                    gr.replay()
+                    torch.cuda.synchronize()
                     e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                     reps = a.reps if name != "prefill" else max(a.reps // 4, 10)  # a prefill is ~10 steps
                     e0.record()
                     for _ in range(reps):
                         gr.replay()
-                    e1.record(); torch.cuda.synchronize()
+                    e1.record()
+                    torch.cuda.synchronize()
                     times[name] = e0.elapsed_time(e1) / reps * 1e3
-                graphs["step"].replay(); torch.cuda.synchronize()
+                graphs["step"].replay()
+                torch.cuda.synchronize()
                 ran = int(st.cache_len) == L + st.K
                 kernels = {}
                 for name in ("step", "prefill"):
