@@ -604,6 +604,10 @@ class FusedDecoder:
                 out[name] = err(x @ w.T)
         return out
 
+    def _batch_prefill(self, B: int, T: int) -> bool:
+        """Whether a prefill of T tokens in each of B rows takes the BATCH_PREFILL_* settings."""
+        return B * T >= self.BATCH_PREFILL_ROWS
+
     def _step_attn(self, B: int) -> tuple[int, int, int]:
         """Key blocks per split, keys per block and warps per program of a step's attention
         for B batch rows."""
@@ -665,7 +669,7 @@ class FusedDecoder:
         last token into ``st.logits``/``st.task_loss``, the cache length advanced."""
         b = st.fused_buffers
         T = st.prefill_len
-        if st.B * T >= self.BATCH_PREFILL_ROWS:
+        if self._batch_prefill(st.B, T):
             BR, BN = self.BATCH_PREFILL_BLOCK_R, self.BATCH_PREFILL_BLOCK_N
         else:
             BR, BN = self.PREFILL_BLOCK_R, self.PREFILL_BLOCK_N
@@ -696,7 +700,7 @@ class FusedDecoder:
             S, blocks, abn, BQ, BS, part = (b["pf_S"], self.PREFILL_ATTN_BLOCKS, self.PREFILL_ATTN_BLOCK_N,
                                             self.PREFILL_BLOCK_Q, self.PREFILL_MERGE_BLOCK_S, "pf_p")
             anw, precision = nw, self.PREFILL_ATTN_PRECISION
-            if B * T >= self.BATCH_PREFILL_ROWS:
+            if self._batch_prefill(B, T):
                 BQ, precision = self.BATCH_PREFILL_BLOCK_Q, self.BATCH_PREFILL_ATTN_PRECISION
             # the merge's query blocks nest in the attention's (powers of two), so each reads
             # only splits its queries' attention block wrote
