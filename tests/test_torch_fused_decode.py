@@ -262,16 +262,32 @@ def test_prefill_with_cublas_gemms_equals_the_triton_prefill(fused, monkeypatch)
     np.testing.assert_array_equal(got.if_padded_gazing, want.if_padded_gazing)
 
 
-def test_batch_prefill_tiles_equal_the_small_prefill(fused, monkeypatch):
-    """A large batch's prefill (BATCH_PREFILL_ROWS) takes other tiles: 64-query attention
-    blocks in 3xTF32 on a GPU, GEMMs in 64 x 64 tiles, and merges whose query blocks nest in
-    the attention's (here 1/8 of them, also under the interpreter). Forced on for 2 rows, it
+@pytest.mark.parametrize("attention", ["flash", "split"])
+def test_batch_prefill_tiles_equal_the_small_prefill(fused, monkeypatch, attention):
+    """A large batch's prefill (BATCH_PREFILL_ROWS) takes other tiles: GEMMs in 64 x 64
+    tiles and 3xTF32 attention in 64-query blocks on a GPU, either every key in one program
+    (``_flash_attention``, the default) or split-K with merges whose query blocks nest in the
+    attention's (here 1/8 of them, also under the interpreter). Forced on for 2 rows, it
     gives the same cache, heads and tokens as the small batch's settings, to float32 noise."""
+    from autogaze_wgpu.backends import triton_decode
+
     be = fused.backend
+    launches = []
+    real = triton_decode._flash_attention
+
+    class Counted:  # counts _flash_attention's launches
+        def __getitem__(self, grid):
+            return lambda *a, **k: launches.append(grid) or real[grid](*a, **k)
+
+    monkeypatch.setattr(triton_decode, "_flash_attention", Counted())
 
     def setup(run):  # the small batch's settings, then the large batch's for any size
         monkeypatch.setattr(be.fused, "BATCH_PREFILL_ROWS", (1 << 30, 0)[run])
-        if run:
+        if run and attention == "split":
+            monkeypatch.setattr(be.fused, "BATCH_PREFILL_FLASH_BLOCK_N", None)
             monkeypatch.setattr(be.fused, "PREFILL_MERGE_BLOCK_Q", be.fused.BATCH_PREFILL_BLOCK_Q // 8)
 
     _prefill_twice(be, setup)
+    # the second run's two prefills, one launch a layer
+    assert len(launches) == (2 * 4 if attention == "flash" else 0)
+

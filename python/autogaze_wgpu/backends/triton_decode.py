@@ -17,7 +17,9 @@ is:
 
 The prefill (``FusedDecoder.prefill``) runs the same kernels over a row's K pending slots and
 vision tokens, its attention split over the queries (blocks of PREFILL_BLOCK_Q) as well as
-the keys; a large batch's (BATCH_PREFILL_ROWS) in larger tiles. With PREFILL_TORCH_GEMM_ROWS
+the keys; a large batch's (BATCH_PREFILL_ROWS) in larger tiles, its attention as
+``_flash_attention`` (a program per query block over every key: its query blocks alone fill
+the GPU, so it needs no split of the keys and no merge). With PREFILL_TORCH_GEMM_ROWS
 set (``decode_kernels="triton-ieee"``) a large batch's prefill takes cuBLAS's GEMMs instead,
 in the eager layers (``DecodeState._layers``), around this attention (``prefill_attention``).
 A frame's last possible step only chooses (``step(..., run_tokens=False)``).
@@ -49,6 +51,8 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from ..errors import BackendError
 
 
 def _pow2(n: int) -> int:
@@ -349,6 +353,43 @@ def _attention(
 
 
 @triton.jit
+def _flash_attention(
+    q_ptr, kc_ptr, vc_ptr, key_mask_ptr, km_stride, cache_len_ptr, run_ptr, y_ptr, cap, scale,
+    T: tl.constexpr, H: tl.constexpr, HD: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """BLOCK_Q of the T queries of one (row, head) (program axis 0; axis 1 is the (row,
+    head), so a row's query blocks run side by side and share its keys in L2) against every
+    key they see, in one program: the online softmax of ``_attend_block`` over blocks of
+    BLOCK_N keys, then y (B, T, H*HD) directly. A large batch's prefill has enough query
+    blocks to fill the GPU without splitting the keys, so this needs no partials and no
+    ``_merge`` (a split-K prefill wrote and re-read ~34 floats a query per split). A query
+    that sees no key gets 0, as in ``_merge``."""
+    qb = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    head = bh % H
+    qs = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    d = tl.arange(0, HD)
+    qm = qs < T
+    q = tl.load(q_ptr + ((bh * T + qs).to(tl.int64) * HD)[:, None] + d[None, :], mask=qm[:, None], other=0.0)
+    cache_len = tl.load(cache_len_ptr).to(tl.int32)
+    run = _run_flag(run_ptr, qs)
+    end = cache_len + tl.minimum(T, (qb + 1) * BLOCK_Q)  # past the block's last query
+    m_i = tl.full([BLOCK_Q], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_Q], tl.float32)
+    acc = tl.zeros([BLOCK_Q, HD], tl.float32)
+    kv = (bh * cap * HD).to(tl.int64)
+    for start in range(0, end, BLOCK_N):
+        kn = start + tl.arange(0, BLOCK_N)
+        m_i, l_i, acc = _attend_block(q, qs, kn, kv, kc_ptr, vc_ptr, key_mask_ptr + b * km_stride,
+                                      cache_len, end, scale, m_i, l_i, acc, HD, PRECISION)
+    y = tl.where((l_i > 0)[:, None], acc / tl.where(l_i > 0, l_i, 1.0)[:, None], 0.0)
+    at = ((b * T + qs).to(tl.int64) * (H * HD))[:, None] + head * HD + d[None, :]
+    tl.store(y_ptr + at, y, mask=(qm & run)[:, None])
+
+
+@triton.jit
 def _merge(
     pm_ptr, pl_ptr, pacc_ptr, y_ptr, cache_len_ptr, run_ptr, S,
     T: tl.constexpr, H: tl.constexpr, HD: tl.constexpr, SPLIT: tl.constexpr,
@@ -519,6 +560,12 @@ class FusedDecoder:
     # tiles 5.33 ms a frame against 5.82 through cuBLAS (FMA) and 5.66-6.16 in smaller tiles.
     BATCH_PREFILL_ROWS = 2048
     BATCH_PREFILL_ATTN_PRECISION, BATCH_PREFILL_BLOCK_Q = "tf32x3", 64
+    # ... its attention as ``_flash_attention`` (one program a query block over every key,
+    # blocks of BATCH_PREFILL_FLASH_BLOCK_N keys software-pipelined BATCH_PREFILL_FLASH_STAGES
+    # deep) rather than split-K + ``_merge`` (None: split-K, with the PREFILL_* splits): 776
+    # us a layer for 45 tiles at 3000 keys (H200) against 955 + 91 for split-K + merge;
+    # 128-key blocks 812, 8 warps 1619, 128-query blocks 751 (docs/benchmarks.md, 2026-12-05).
+    BATCH_PREFILL_FLASH_BLOCK_N, BATCH_PREFILL_FLASH_NUM_WARPS, BATCH_PREFILL_FLASH_STAGES = 64, 4, 3
     BATCH_PREFILL_BLOCK_R, BATCH_PREFILL_BLOCK_N = 64, 64
     # Token rows from which the prefill's GEMMs go through cuBLAS (float32, TF32 off:
     # DecodeState._layers with this attention) instead of these kernels; None: never. FMA
@@ -528,6 +575,7 @@ class FusedDecoder:
         "ATTN_PRECISION": "ieee", "GEMM_PRECISION": "ieee", "PREFILL_ATTN_PRECISION": "ieee",
         "PREFILL_GEMM_PRECISION": "ieee", "BATCH_PREFILL_ATTN_PRECISION": "ieee", "BATCH_PREFILL_BLOCK_Q": 32,
         "ATTN_BLOCK_N": 128, "ATTN_NUM_WARPS": 2, "FEW_ROWS_BLOCK_N": 16, "PREFILL_TORCH_GEMM_ROWS": 2048,
+        "BATCH_PREFILL_FLASH_BLOCK_N": None,  # (not timed with FMAs: the split-K prefill was)
     }
     # Under the interpreter (CPU tests) every Triton op costs ~0.1 ms of Python whatever its
     # size, so the tiles are as large as the shapes allow: the same kernels with far fewer
@@ -539,6 +587,7 @@ class FusedDecoder:
         "PREFILL_BLOCK_R": 256, "PREFILL_BLOCK_Q": 256, "PREFILL_ATTN_BLOCKS": 8,
         "PREFILL_BLOCK_N": 128, "PREFILL_ATTN_BLOCK_N": 512, "BATCH_PREFILL_BLOCK_Q": 256,
         "PREFILL_MERGE_BLOCK_Q": 256, "BATCH_PREFILL_BLOCK_R": 256, "BATCH_PREFILL_BLOCK_N": 128,
+        "BATCH_PREFILL_FLASH_BLOCK_N": 512,
     }
 
     def __init__(self, backend, ieee: bool = False):
@@ -608,6 +657,10 @@ class FusedDecoder:
         """Whether a prefill of T tokens in each of B rows takes the BATCH_PREFILL_* settings."""
         return B * T >= self.BATCH_PREFILL_ROWS
 
+    def _flash_prefill(self, B: int, T: int) -> bool:
+        """Whether a prefill of T tokens in each of B rows attends through ``_flash_attention``."""
+        return self._batch_prefill(B, T) and bool(self.BATCH_PREFILL_FLASH_BLOCK_N)
+
     def _step_attn(self, B: int) -> tuple[int, int, int]:
         """Key blocks per split, keys per block and warps per program of a step's attention
         for B batch rows."""
@@ -626,6 +679,8 @@ class FusedDecoder:
         blocks, block_n, _ = self._step_attn(B)
         S = triton.cdiv(st.cap, blocks * block_n)
         pS = triton.cdiv(st.cap, self.PREFILL_ATTN_BLOCKS * self.PREFILL_ATTN_BLOCK_N)
+        if self._flash_prefill(B, T):
+            pS = 0  # _flash_attention keeps no partials
         z = lambda *shape, dtype=f32: torch.zeros(*shape, device=dev, dtype=dtype)
         return {
             "S": S, "pf_S": pS,
@@ -687,8 +742,9 @@ class FusedDecoder:
         return b["pf_y"].view(st.B, T, self.C)
 
     def _attend(self, st, i: int, T: int, q, y, run, nw) -> None:
-        """Layer i's attention of T queries per row (a step: T = K, the prefill's tokens):
-        split-K over the cache (``_attention``), then the splits' merge into y (B * T, C)."""
+        """Layer i's attention of T queries per row (a step: T = K, the prefill's tokens) into
+        y (B * T, C): split-K over the cache (``_attention``), then the splits' merge; a large
+        batch's prefill in one pass (``_flash_attention``)."""
         b = st.fused_buffers
         B, K, H, HD = st.B, self.K, self.H, self.HD
         if T == K:  # a step: its K queries in one block
@@ -702,10 +758,20 @@ class FusedDecoder:
             anw, precision = nw, self.PREFILL_ATTN_PRECISION
             if self._batch_prefill(B, T):
                 BQ, precision = self.BATCH_PREFILL_BLOCK_Q, self.BATCH_PREFILL_ATTN_PRECISION
+                if self._flash_prefill(B, T):  # every key in one program: no partials
+                    _flash_attention[(triton.cdiv(T, BQ), B * H)](
+                        q, st.k_cache[i], st.v_cache[i], st.key_mask, st.key_mask.stride(0), st.cache_len,
+                        run, y, st.cap, self.scale,
+                        T=T, H=H, HD=HD, BLOCK_N=self.BATCH_PREFILL_FLASH_BLOCK_N, BLOCK_Q=BQ, PRECISION=precision,
+                        num_warps=self.BATCH_PREFILL_FLASH_NUM_WARPS, num_stages=self.BATCH_PREFILL_FLASH_STAGES,
+                    )
+                    return
             # the merge's query blocks nest in the attention's (powers of two), so each reads
             # only splits its queries' attention block wrote
             MQ, mnw = min(BQ, self.PREFILL_MERGE_BLOCK_Q), self.PREFILL_MERGE_NUM_WARPS
         pm, pl, pacc = b[part + "m"], b[part + "l"], b[part + "acc"]
+        if pm.numel() < B * H * S * T:  # a state made under other settings (tests, tuning)
+            raise BackendError("internal error: the attention's partials were sized for other kernel settings")
         q_blocks = triton.cdiv(T, BQ)
         _attention[(B * H, S, q_blocks)](
             q, st.k_cache[i], st.v_cache[i], st.key_mask, st.key_mask.stride(0), st.cache_len,
