@@ -37,11 +37,6 @@ case "${1:-all}" in
       2>&1 | tee -a "$OUT/tune.log" ;;
 esac
 case "${1:-all}" in
-  tune-vision)  # the vision trunk: cuDNN against the Triton conv's settings (scripts/tune_triton_vision.py)
-    timeout "${TUNE_TIMEOUT:-250}" python3 scripts/tune_triton_vision.py --model "$AUTOGAZE_FIXTURES/model" \
-      --batch "${VISION_BATCH:-45}" ${VISION_SET:-} 2>&1 | tee -a "$OUT/tune_vision.log" ;;
-esac
-case "${1:-all}" in
   agreement)  # the torch backend's fast modes against its float32 mode (docs/benchmarks.md)
     timeout 500 python3 scripts/fast_mode_agreement.py --device cuda --model "$AUTOGAZE_FIXTURES/model" \
       --repeat "${REPEAT:-5}" --json "$OUT/fast_modes.json" 2>&1 | tee "$OUT/fast_modes.log" ;;

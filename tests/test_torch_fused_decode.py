@@ -291,29 +291,3 @@ def test_batch_prefill_tiles_equal_the_small_prefill(fused, monkeypatch, attenti
     # the second run's two prefills, one launch a layer
     assert len(launches) == (2 * 4 if attention == "flash" else 0)
 
-
-def test_triton_vision_trunk_equals_cudnn(fused):
-    """The vision trunk's conv as the Triton kernel (``triton_vision``, 3xTF32 on a GPU) gives
-    the reference's embeddings within SPEC's vision tolerance (1e-4), for a clip and for a
-    clip continued from its conv cache (streaming); the Triton decoder with FMA products only
-    and the eager decoder keep cuDNN's conv."""
-    be = fused.backend
-    assert be.fused_vision is not None
-    assert _model("triton-ieee").backend.fused_vision is None
-    assert _model("torch").backend.fused_vision is None
-    calls, real = [], be.fused_vision.block
-    pv = torch.as_tensor(case_pixel_values("a")[:, :5]).to(DEVICE)
-    ref = ag.AutoGaze.from_pretrained(MODEL_DIR, backend="reference", device=DEVICE).backend
-    with torch.no_grad():
-        be.fused_vision.block = lambda *a: calls.append(1) or real(*a)
-        try:
-            whole, _ = be.model_embed(pv)
-            head, cache = be.model_embed(pv[:, :3])
-            tail, _ = be.model_embed(pv[:, 3:], cache)
-        finally:
-            be.fused_vision.block = real
-        want, _ = ref.model_embed(pv)
-    assert len(calls) == 3
-    torch.testing.assert_close(whole, want, atol=1e-4, rtol=0)
-    torch.testing.assert_close(torch.cat([head, tail], 1), want, atol=1e-4, rtol=0)
-    assert float((whole - want).abs().max()) > 0  # the Triton kernel ran, not cuDNN

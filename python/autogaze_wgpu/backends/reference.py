@@ -80,16 +80,11 @@ class ReferenceBackend:
         TF32 off, no autograd."""
         return no_tf32()
 
-    def model_embed(self, video, conv_cache=None):
-        """The model's ``embed`` (vision embeds, new conv cache) on a tensor on the device; the
-        torch backend's passes its Triton trunk on CUDA."""
-        return self.model.embed(video, conv_cache)
-
     # -- model-level API -------------------------------------------------------------------
     def embed(self, video) -> "torch.Tensor":
         """(B, T, 3, H, W) -> connector output (B, T, 196, C) float32."""
         with self.mode():
-            emb, _ = self.model_embed(self.as_tensor(video))
+            emb, _ = self.model.embed(self.as_tensor(video))
         return emb.float()  # a no-op but under the torch backend's bf16 autocast
 
     def generate(self, video, budgets: list[int], task_loss_requirement, record_steps=False):
@@ -138,6 +133,6 @@ class ReferenceStream:
     def step(self, frame, budget: int, task_loss_requirement) -> np.ndarray:
         """frame (B, 1, 3, H, W) -> this frame's ids (B, n) int64."""
         with no_tf32():
-            emb, self.conv_cache = self.backend.model_embed(self.backend.as_tensor(frame), self.conv_cache)
+            emb, self.conv_cache = self.backend.model.embed(self.backend.as_tensor(frame), self.conv_cache)
             tokens = self.generator.step_frame(emb[:, 0], budget, task_loss_requirement)
         return tokens.cpu().numpy()

@@ -514,15 +514,6 @@ class TorchBackend(ReferenceBackend):
             for layer in dec.model.layers
         ]
         self.fused = self._fused_decoder(decode_kernels)
-        # The vision trunk's conv in a 3xTF32 Triton kernel (triton_vision) alongside the
-        # Triton decoder, except with every product an FMA (triton-ieee), where cuDNN's FMA
-        # convolution stays.
-        self.fused_vision = None
-        if self.fused is not None and not self.fused.ieee:
-            from . import triton_vision
-
-            if triton_vision.FusedVision.supported(self.config):
-                self.fused_vision = triton_vision.FusedVision(self)
         self._states: collections.OrderedDict[tuple[int, int], DecodeState] = collections.OrderedDict()
         self._pool_lock = threading.Lock()
         # States of dropped streams: appended without a lock (it may happen inside garbage
@@ -625,10 +616,6 @@ class TorchBackend(ReferenceBackend):
             self._states.popitem(last=False)
 
     # -- model-level API (embed and score: the reference's, under this mode) -----------------
-    def model_embed(self, video, conv_cache=None):
-        block_fn = None if self.fused_vision is None else self.fused_vision.block
-        return self.model.embed(video, conv_cache, block_fn)
-
     def generate(self, video, budgets: list[int], task_loss_requirement, record_steps=False):
         if record_steps:
             return super().generate(video, budgets, task_loss_requirement, record_steps=True)
@@ -685,7 +672,7 @@ class TorchStream:
     def step(self, frame, budget: int, task_loss_requirement) -> np.ndarray:
         be = self.backend
         with be.mode():
-            emb, self.conv_cache = be.model_embed(be.as_tensor(frame), self.conv_cache)
+            emb, self.conv_cache = be.model.embed(be.as_tensor(frame), self.conv_cache)
             st = self._ensure_capacity(budget)
             tokens = st.frame(emb[:, 0].float(), budget, task_loss_requirement).cpu().numpy()
             st.verify()

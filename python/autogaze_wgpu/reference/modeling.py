@@ -89,13 +89,12 @@ class ShallowVideoConvNet(nn.Module):
         self.out_proj = nn.Conv3d(v.hidden_dim, v.out_dim, kernel_size=1)
 
     def forward(
-        self, video: torch.Tensor, conv_cache: Optional[torch.Tensor] = None, block_fn=None
+        self, video: torch.Tensor, conv_cache: Optional[torch.Tensor] = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """video (B, T, 3, S, S) -> (features (B, T, h*w, C), new conv cache (B, C, kt-1, h, w)).
 
         ``conv_cache`` holds the last kt-1 post-LayerNorm frames before ``video`` (None: the
-        clip starts here, zeros). ``block_fn(block, x, cache)``, if given, computes
-        ``block(x, cache)`` another way (the torch backend's Triton trunk on CUDA).
+        clip starts here, zeros).
         """
         x = video.permute(0, 2, 1, 3, 4)  # (B, 3, T, S, S)
         x = self.temporal_conv(x)  # (B, C, T, h, w)
@@ -106,7 +105,7 @@ class ShallowVideoConvNet(nn.Module):
             conv_cache = x.new_zeros(B, C, kt - 1, h, w)
         new_cache = torch.cat([conv_cache, x], dim=2)[:, :, -(kt - 1) :]
         for blk in self.blocks:
-            x = blk(x, conv_cache) if block_fn is None else block_fn(blk, x, conv_cache)
+            x = blk(x, conv_cache)
         x = self.out_proj(x)  # (B, C_out, T, h, w)
         feats = x.permute(0, 2, 3, 4, 1).reshape(B, T, h * w, -1)  # row-major tokens
         return feats, new_cache
@@ -316,12 +315,11 @@ class GazingModel(nn.Module):
         self.gaze_decoder = GazeDecoder(cfg.decoder)
 
     def embed(
-        self, video: torch.Tensor, conv_cache: Optional[torch.Tensor] = None, block_fn=None
+        self, video: torch.Tensor, conv_cache: Optional[torch.Tensor] = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """video (B, T, 3, H, W) -> (vision embeds (B, T, 196, C), new conv cache);
-        ``block_fn``: see ``ShallowVideoConvNet.forward``."""
+        """video (B, T, 3, H, W) -> (vision embeds (B, T, 196, C), new conv cache)."""
         video = resize_to_model_input(video, self.cfg.input_img_size)
-        feats, cache = self.vision_model(video, conv_cache, block_fn)
+        feats, cache = self.vision_model(video, conv_cache)
         return self.connector(feats), cache
 
     @classmethod
