@@ -314,6 +314,17 @@ def _attend_block(
 
 
 @triton.jit
+def _store_output(y_ptr, acc, total, b, head, qs, store, T: tl.constexpr, H: tl.constexpr, HD: tl.constexpr):
+    """The softmax-weighted values acc / total of queries qs of head ``head`` of batch row b
+    into y (B, T, H*HD) where ``store``; a query that saw no key at all (total 0: a pad slot
+    of the first frame's prefill, never attended and never read out) gets 0 rather than 0/0."""
+    d = tl.arange(0, HD)
+    y = tl.where((total > 0)[:, None], acc / tl.where(total > 0, total, 1.0)[:, None], 0.0)
+    at = ((b * T + qs).to(tl.int64) * (H * HD))[:, None] + head * HD + d[None, :]
+    tl.store(y_ptr + at, y, mask=store[:, None])
+
+
+@triton.jit
 def _attention(
     q_ptr, kc_ptr, vc_ptr, key_mask_ptr, km_stride, cache_len_ptr, run_ptr,
     pm_ptr, pl_ptr, pacc_ptr, cap, S, scale,
@@ -363,8 +374,8 @@ def _flash_attention(
     key they see, in one program: the online softmax of ``_attend_block`` over blocks of
     BLOCK_N keys, then y (B, T, H*HD) directly. A large batch's prefill has enough query
     blocks to fill the GPU without splitting the keys, so this needs no partials and no
-    ``_merge`` (a split-K prefill wrote and re-read ~34 floats a query per split). A query
-    that sees no key gets 0, as in ``_merge``."""
+    ``_merge`` (a split-K prefill wrote and re-read ~34 floats a query per split); y through
+    ``_store_output``, as ``_merge``'s."""
     qb = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -384,9 +395,7 @@ def _flash_attention(
         kn = start + tl.arange(0, BLOCK_N)
         m_i, l_i, acc = _attend_block(q, qs, kn, kv, kc_ptr, vc_ptr, key_mask_ptr + b * km_stride,
                                       cache_len, end, scale, m_i, l_i, acc, HD, PRECISION)
-    y = tl.where((l_i > 0)[:, None], acc / tl.where(l_i > 0, l_i, 1.0)[:, None], 0.0)
-    at = ((b * T + qs).to(tl.int64) * (H * HD))[:, None] + head * HD + d[None, :]
-    tl.store(y_ptr + at, y, mask=(qm & run)[:, None])
+    _store_output(y_ptr, acc, l_i, b, head, qs, qm & run, T, H, HD)
 
 
 @triton.jit
@@ -397,8 +406,7 @@ def _merge(
 ):
     """softmax(scores) @ values for BLOCK_Q of the T queries of one (row, head) (program axis
     1, the blocks of ``_attention``) from the splits that hold keys they see (online over
-    chunks of BLOCK_S splits); y is (B, T, H*HD). A query that sees no key at all (a pad slot
-    of the first frame's prefill, never attended and never read out) gets 0 rather than 0/0."""
+    chunks of BLOCK_S splits) into y (``_store_output``)."""
     bh = tl.program_id(0)
     qb = tl.program_id(1)
     b = bh // H
@@ -425,9 +433,7 @@ def _merge(
         total = total * alpha + tl.sum(w * pl, 0)
         acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * part, 0)
         m = m_new
-    y = tl.where((total > 0)[:, None], acc / tl.where(total > 0, total, 1.0)[:, None], 0.0)
-    at = ((b * T + qs).to(tl.int64) * (H * HD))[:, None] + head * HD + d[None, :]
-    tl.store(y_ptr + at, y, mask=(qm & run)[:, None])
+    _store_output(y_ptr, acc, total, b, head, qs, qm & run, T, H, HD)
 
 
 @triton.jit
