@@ -46,3 +46,23 @@ def test_tiles788_is_the_tile_batch_at_clip788s_ratio():
     bench.workload(Model(), "tiles788", "the clip", "the tiles")()
     bench.workload(Model(), "clip788", "the clip", "the tiles")()
     assert calls == [("the tiles", {"gazing_ratio": 0.186}), ("the clip", {"gazing_ratio": 0.186})]
+
+
+def test_a_backend_without_a_device_is_skipped_not_fatal(monkeypatch, capsys):
+    # (a GPU machine whose Vulkan loader finds no adapter still times the torch backends)
+    import autogaze_wgpu as ag
+
+    real = ag.AutoGaze.from_pretrained
+
+    def from_pretrained(path, backend, **kw):
+        if backend == "wgpu":
+            raise ag.DeviceError("no GPU adapter found")
+        return real(path, backend=backend, **kw)
+
+    monkeypatch.setattr(ag.AutoGaze, "from_pretrained", from_pretrained)
+    rows = bench.run(Path(MODEL_DIR), ["wgpu", "reference"], "cpu", repeat=1, workloads=["clip788"])
+    assert [(r["backend"], r.get("skipped")) for r in rows] == [("wgpu", "no GPU adapter found"), ("reference", None)]
+    bench.print_table(rows)
+    out = capsys.readouterr().out
+    assert "wgpu      skipped: no GPU adapter found" in out and "skipped: wgpu (no GPU adapter found)" in out
+    assert "reference  clip788" in out

@@ -119,7 +119,13 @@ def run(model_dir: Path, backends: list[str], device: str | None, repeat: int, w
         backend, kw = BACKEND_VARIANTS.get(name, (name, {}))
         if backend in ("torch", "reference") and device:
             kw = {**kw, "device": device}
-        model = ag.AutoGaze.from_pretrained(model_dir, backend=backend, **kw)
+        try:
+            model = ag.AutoGaze.from_pretrained(model_dir, backend=backend, **kw)
+        except ag.DeviceError as e:  # (e.g. no Vulkan adapter) the other backends still run
+            print(f"  {name:9s} skipped: {e}", flush=True)
+            rows.append({"backend": name, "device": None, "workload": None, "seconds": None, "slots": None,
+                         "tokens_sha": None, "skipped": str(e)})
+            continue
         dev = device_name(name, model)
         for wl in workloads:
             fn = workload(model, wl, clip, tiles, video)
@@ -149,6 +155,8 @@ def _digest(x: np.ndarray) -> str:
 
 def print_table(rows: list[dict]) -> None:
     base = {r["workload"]: r["seconds"] for r in rows if r["backend"] == "reference"}
+    skipped = [r for r in rows if r.get("skipped")]
+    rows = [r for r in rows if not r.get("skipped")]
     print(f"\n{'backend':10s} {'workload':9s} {'median':>11s} {'vs reference':>13s} {'slots':>7s} tokens")
     for r in rows:
         # (no reference row for the workload: no ratio)
@@ -157,6 +165,8 @@ def print_table(rows: list[dict]) -> None:
         same = "" if r["tokens_sha"] is None or ref_sha is None else ("same as reference" if r["tokens_sha"] == ref_sha else "DIFFERENT")
         print(f"{r['backend']:10s} {r['workload']:9s} {r['seconds'] * 1e3:9.2f}ms {ratio} {r['slots'] or ''!s:>7s} {same}")
     print(f"devices: {sorted({r['backend'] + ': ' + r['device'] for r in rows})}")
+    for r in skipped:
+        print(f"skipped: {r['backend']} ({r['skipped']})")
 
 
 def main(argv=None) -> int:

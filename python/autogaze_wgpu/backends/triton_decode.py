@@ -88,19 +88,25 @@ def _pick(
 def _select(
     picks_ptr, left_ptr, task_loss_ptr, chosen_ptr, finished_ptr, frame_tokens_ptr, ft_stride,
     n_frame_ptr, cache_len_ptr, done_ptr, first_ptr, budget_ptr, req_ptr, has_req_ptr,
-    key_mask_ptr, km_stride, step_ids_ptr, run_ptr, B,
+    key_mask_ptr, km_stride, step_ids_ptr, run_ptr, row_run_ptr, B,
     K: tl.constexpr, V: tl.constexpr, PAD: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """The batch-wide rest of the step's choice (SPEC §5 step 2, as
     ``DecodeState._decode_step`` decides it) from ``_pick``'s rows: which heads the step
-    keeps, the task-loss stop, the frame's tokens, done flag and the step's key-mask slots."""
+    keeps, the task-loss stop, the frame's tokens, done flag and the step's key-mask slots.
+    Besides the step's run flag, a flag per row (row_run) for the step's attention: a row
+    whose K tokens are all pad had finished before this step, and nothing computed from its
+    tokens is read again (its choices are pad from now on, and these slots' keys are
+    masked once the frame ends), so its attention need not read its keys; once most of 45
+    tiles have met their task-loss requirement that is most of a step's reads."""
     done = tl.load(done_ptr).to(tl.int32)
+    rows = tl.arange(0, BLOCK_B)
+    rmask = rows < B
     if done != 0:
         tl.store(run_ptr, 0)
+        tl.store(row_run_ptr + rows, tl.zeros([BLOCK_B], tl.int32), mask=rmask)
     else:
-        rows = tl.arange(0, BLOCK_B)
         ks = tl.arange(0, BLOCK_K)
-        rmask = rows < B
         kmask = ks < K
         both = rmask[:, None] & kmask[None, :]
         finished = tl.load(finished_ptr + rows, mask=rmask, other=1).to(tl.int32) != 0
@@ -148,6 +154,8 @@ def _select(
                  tl.full([BLOCK_B, BLOCK_K], 1, tl.int1) & (run != 0), mask=both)
         tl.store(step_ids_ptr + rows[:, None] * K + ks[None, :], step, mask=both)
         tl.store(run_ptr, run)
+        live = tl.max((step != PAD).to(tl.int32), 1) != 0
+        tl.store(row_run_ptr + rows, (live & (run != 0)).to(tl.int32), mask=rmask)
 
 
 # The kernels below issue every load that does not wait for another first and mask their
@@ -292,22 +300,37 @@ def _qkv(
 @triton.jit
 def _attend_block(
     q, qs, kn, kv_base, kc_ptr, vc_ptr, km_base, cache_len, end, scale, m_i, l_i, acc,
-    HD: tl.constexpr, PRECISION: tl.constexpr,
+    HD: tl.constexpr, PRECISION: tl.constexpr, SEEN_BY_ALL: tl.constexpr, LOG2: tl.constexpr,
 ):
     """Online-softmax update of the queries q (tokens qs, at slots cache_len + qs) with the
-    keys at slots kn: causal (slot <= the query's), the key mask, slots < end."""
+    keys at slots kn: causal (slot <= the query's), the key mask, slots < end.
+    ``SEEN_BY_ALL``: the caller knows every slot kn is < end and at or before every query's
+    slot, so only the key mask applies (no bounds on the loads, no causal test per score).
+    ``LOG2``: q was scaled by scale * log2(e), so the scores are in log2 units and the
+    softmax is exp2's (m_i too); otherwise scores are scaled here and exponentiated by exp."""
     d = tl.arange(0, HD)
-    inn = kn < end
-    keys = tl.load(kc_ptr + kv_base + kn[:, None] * HD + d[None, :], mask=inn[:, None], other=0.0)
-    vals = tl.load(vc_ptr + kv_base + kn[:, None] * HD + d[None, :], mask=inn[:, None], other=0.0)
-    key_ok = tl.load(km_base + kn, mask=inn, other=0).to(tl.int32) != 0
-    s = tl.dot(q, tl.trans(keys), input_precision=PRECISION) * scale
-    allowed = (kn[None, :] <= cache_len + qs[:, None]) & key_ok[None, :] & inn[None, :]
+    if SEEN_BY_ALL:
+        keys = tl.load(kc_ptr + kv_base + kn[:, None] * HD + d[None, :])
+        vals = tl.load(vc_ptr + kv_base + kn[:, None] * HD + d[None, :])
+        allowed = (tl.load(km_base + kn).to(tl.int32) != 0)[None, :]
+    else:
+        inn = kn < end
+        keys = tl.load(kc_ptr + kv_base + kn[:, None] * HD + d[None, :], mask=inn[:, None], other=0.0)
+        vals = tl.load(vc_ptr + kv_base + kn[:, None] * HD + d[None, :], mask=inn[:, None], other=0.0)
+        key_ok = tl.load(km_base + kn, mask=inn, other=0).to(tl.int32) != 0
+        allowed = (kn[None, :] <= cache_len + qs[:, None]) & key_ok[None, :] & inn[None, :]
+    s = tl.dot(q, tl.trans(keys), input_precision=PRECISION)
+    if not LOG2:
+        s = s * scale
     s = tl.where(allowed, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp(m_i - m_safe)
-    p = tl.exp(s - m_safe[:, None])
+    if LOG2:
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+    else:
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = tl.dot(p, vals, acc * alpha[:, None], input_precision=PRECISION)
     return m_new, l_i, acc
@@ -330,13 +353,16 @@ def _attention(
     pm_ptr, pl_ptr, pacc_ptr, cap, S, scale,
     T: tl.constexpr, H: tl.constexpr, HD: tl.constexpr,
     BLOCKS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr, PRECISION: tl.constexpr,
+    RUN_STRIDE: tl.constexpr,
 ):
     """BLOCK_Q of the T queries of one (row, head) (program axis 2; a decode step has T = K,
     one block) against one split of the cache (axis 1: BLOCKS x BLOCK_N keys): causal (query
     t sees slots <= cache_len + t) and the key mask, softmax statistics per split (max, sum,
     weighted values) into the partials for ``_merge``. Splits past the block's last query do
     nothing (``_merge`` does not read them). The split's blocks loop (unrolled, the step's
-    were as fast for one video and slower for 45 tiles, the prefill's much slower)."""
+    were as fast for one video and slower for 45 tiles, the prefill's much slower).
+    The run flag is row b's at run_ptr + b * RUN_STRIDE (0: one flag for the launch; a step
+    has a flag per row, ``_select``'s ``row_run``)."""
     bh = tl.program_id(0)
     sp = tl.program_id(1)
     qb = tl.program_id(2)
@@ -346,7 +372,7 @@ def _attention(
     qm = qs < T
     q = tl.load(q_ptr + ((bh * T + qs).to(tl.int64) * HD)[:, None] + d[None, :], mask=qm[:, None], other=0.0)
     cache_len = tl.load(cache_len_ptr).to(tl.int32)
-    run = tl.load(run_ptr) != 0
+    run = tl.load(run_ptr + b * RUN_STRIDE) != 0
     end = cache_len + tl.minimum(T, (qb + 1) * BLOCK_Q)  # past the block's last query
     if run & (sp * BLOCKS * BLOCK_N < end):
         m_i = tl.full([BLOCK_Q], float("-inf"), tl.float32)
@@ -356,7 +382,7 @@ def _attention(
         for j in range(BLOCKS):
             kn = (sp * BLOCKS + j) * BLOCK_N + tl.arange(0, BLOCK_N)
             m_i, l_i, acc = _attend_block(q, qs, kn, kv, kc_ptr, vc_ptr, key_mask_ptr + b * km_stride,
-                                          cache_len, end, scale, m_i, l_i, acc, HD, PRECISION)
+                                          cache_len, end, scale, m_i, l_i, acc, HD, PRECISION, False, False)
         o = ((bh * S + sp) * T + qs).to(tl.int64)
         tl.store(pm_ptr + o, m_i, mask=qm)
         tl.store(pl_ptr + o, l_i, mask=qm)
@@ -384,17 +410,27 @@ def _flash_attention(
     d = tl.arange(0, HD)
     qm = qs < T
     q = tl.load(q_ptr + ((bh * T + qs).to(tl.int64) * HD)[:, None] + d[None, :], mask=qm[:, None], other=0.0)
+    # scores in log2 units: one multiply per query here, exp2 per score in the softmax
+    q = q * (scale * 1.4426950408889634)
     cache_len = tl.load(cache_len_ptr).to(tl.int32)
     run = _run_flag(run_ptr, qs)
     end = cache_len + tl.minimum(T, (qb + 1) * BLOCK_Q)  # past the block's last query
+    # The blocks before the block's first query's slot are seen by all its queries: no
+    # causal or bounds test there, only in the last few blocks.
+    seen_by_all = (cache_len + qb * BLOCK_Q + 1) // BLOCK_N * BLOCK_N
     m_i = tl.full([BLOCK_Q], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_Q], tl.float32)
     acc = tl.zeros([BLOCK_Q, HD], tl.float32)
     kv = (bh * cap * HD).to(tl.int64)
-    for start in range(0, end, BLOCK_N):
+    km = key_mask_ptr + b * km_stride
+    for start in range(0, seen_by_all, BLOCK_N):
         kn = start + tl.arange(0, BLOCK_N)
-        m_i, l_i, acc = _attend_block(q, qs, kn, kv, kc_ptr, vc_ptr, key_mask_ptr + b * km_stride,
-                                      cache_len, end, scale, m_i, l_i, acc, HD, PRECISION)
+        m_i, l_i, acc = _attend_block(q, qs, kn, kv, kc_ptr, vc_ptr, km, cache_len, end, scale,
+                                      m_i, l_i, acc, HD, PRECISION, True, True)
+    for start in range(seen_by_all, end, BLOCK_N):
+        kn = start + tl.arange(0, BLOCK_N)
+        m_i, l_i, acc = _attend_block(q, qs, kn, kv, kc_ptr, vc_ptr, km, cache_len, end, scale,
+                                      m_i, l_i, acc, HD, PRECISION, False, True)
     _store_output(y_ptr, acc, l_i, b, head, qs, qm & run, T, H, HD)
 
 
@@ -402,11 +438,11 @@ def _flash_attention(
 def _merge(
     pm_ptr, pl_ptr, pacc_ptr, y_ptr, cache_len_ptr, run_ptr, S,
     T: tl.constexpr, H: tl.constexpr, HD: tl.constexpr, SPLIT: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_Q: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_Q: tl.constexpr, RUN_STRIDE: tl.constexpr,
 ):
     """softmax(scores) @ values for BLOCK_Q of the T queries of one (row, head) (program axis
     1, the blocks of ``_attention``) from the splits that hold keys they see (online over
-    chunks of BLOCK_S splits) into y (``_store_output``)."""
+    chunks of BLOCK_S splits) into y (``_store_output``); the run flag as ``_attention``'s."""
     bh = tl.program_id(0)
     qb = tl.program_id(1)
     b = bh // H
@@ -415,7 +451,7 @@ def _merge(
     d = tl.arange(0, HD)
     qm = qs < T
     used = tl.cdiv(tl.load(cache_len_ptr).to(tl.int32) + tl.minimum(T, (qb + 1) * BLOCK_Q), SPLIT)
-    run = _run_flag(run_ptr, qs)
+    run = _run_flag(run_ptr + b * RUN_STRIDE, qs)
     m = tl.full([BLOCK_Q], float("-inf"), tl.float32)
     total = tl.zeros([BLOCK_Q], tl.float32)
     acc = tl.zeros([BLOCK_Q, HD], tl.float32)
@@ -543,6 +579,10 @@ class FusedDecoder:
     FEW_ROWS, FEW_ROWS_BLOCK_N, FEW_ROWS_ATTN_BLOCKS, FEW_ROWS_ATTN_BLOCK_N = 64, 32, 2, 64
     ATTN_BLOCKS, ATTN_BLOCK_N = 2, 64
     ATTN_NUM_WARPS, FEW_ROWS_ATTN_NUM_WARPS = 4, 4
+    # A step's attention (and merge) skips the rows whose K tokens are all pad: rows that
+    # had finished their frame before the step (``_select``'s row_run). False: every row
+    # reads its keys.
+    SKIP_PAD_ROWS = True
     BATCH_MLP_BLOCK_R = 32  # a batch step's o_proj, gate/up and down
     MERGE_BLOCK_S, MERGE_NUM_WARPS = 32, 2
     NUM_WARPS = 4
@@ -566,12 +606,16 @@ class FusedDecoder:
     # tiles 5.33 ms a frame against 5.82 through cuBLAS (FMA) and 5.66-6.16 in smaller tiles.
     BATCH_PREFILL_ROWS = 2048
     BATCH_PREFILL_ATTN_PRECISION, BATCH_PREFILL_BLOCK_Q = "tf32x3", 64
-    # ... its attention as ``_flash_attention`` (one program a query block over every key,
-    # blocks of BATCH_PREFILL_FLASH_BLOCK_N keys software-pipelined BATCH_PREFILL_FLASH_STAGES
-    # deep) rather than split-K + ``_merge`` (None: split-K, with the PREFILL_* splits): 776
-    # us a layer for 45 tiles at 3000 keys (H200) against 955 + 91 for split-K + merge;
-    # 128-key blocks 812, 8 warps 1619, 128-query blocks 751 (docs/benchmarks.md, 2026-12-05).
-    BATCH_PREFILL_FLASH_BLOCK_N, BATCH_PREFILL_FLASH_NUM_WARPS, BATCH_PREFILL_FLASH_STAGES = 64, 4, 3
+    # ... its attention as ``_flash_attention`` (one program a query block of
+    # BATCH_PREFILL_FLASH_BLOCK_Q over every key, blocks of BATCH_PREFILL_FLASH_BLOCK_N keys
+    # software-pipelined BATCH_PREFILL_FLASH_STAGES deep) rather than split-K + ``_merge``
+    # (None: split-K, with the PREFILL_* splits and BATCH_PREFILL_BLOCK_Q): 776 us a layer for
+    # 45 tiles at 3000 keys (H200) against 955 + 91 for split-K + merge; 128-key blocks 812,
+    # 8 warps 1619. With exp2 and no causal test before the block's first query (H100): 692
+    # us in 64-query blocks, 633 in 128 (a frame's prefill 3903 -> 3649 us), 1551 for 128 x
+    # 128-key blocks (docs/benchmarks.md, 2026-12-05).
+    BATCH_PREFILL_FLASH_BLOCK_Q, BATCH_PREFILL_FLASH_BLOCK_N = 128, 64
+    BATCH_PREFILL_FLASH_NUM_WARPS, BATCH_PREFILL_FLASH_STAGES = 4, 3
     BATCH_PREFILL_BLOCK_R, BATCH_PREFILL_BLOCK_N = 64, 64
     # Token rows from which the prefill's GEMMs go through cuBLAS (float32, TF32 off:
     # DecodeState._layers with this attention) instead of these kernels; None: never. FMA
@@ -593,7 +637,7 @@ class FusedDecoder:
         "PREFILL_BLOCK_R": 256, "PREFILL_BLOCK_Q": 256, "PREFILL_ATTN_BLOCKS": 8,
         "PREFILL_BLOCK_N": 128, "PREFILL_ATTN_BLOCK_N": 512, "BATCH_PREFILL_BLOCK_Q": 256,
         "PREFILL_MERGE_BLOCK_Q": 256, "BATCH_PREFILL_BLOCK_R": 256, "BATCH_PREFILL_BLOCK_N": 128,
-        "BATCH_PREFILL_FLASH_BLOCK_N": 512,
+        "BATCH_PREFILL_FLASH_BLOCK_N": 512, "BATCH_PREFILL_FLASH_BLOCK_Q": 256,
     }
 
     def __init__(self, backend, ieee: bool = False):
@@ -694,7 +738,7 @@ class FusedDecoder:
             "pm": z(B * H * S * K), "pl": z(B * H * S * K), "pacc": z(B * H * S * K, HD),
             "pf_pm": z(B * H * pS * T), "pf_pl": z(B * H * pS * T), "pf_pacc": z(B * H * pS * T, HD),
             "ids": z(B, K, dtype=torch.int32), "picks": z(B, K, dtype=torch.int32),
-            "left": z(B, dtype=torch.int32), "run": z(1, dtype=torch.int32),
+            "left": z(B, dtype=torch.int32), "run": z(1, dtype=torch.int32), "row_run": z(B, dtype=torch.int32),
             "pf_x": z(B * T, C), "pf_q": z(B, H, T, HD), "pf_y": z(B * T, C), "pf_act": z(B * T, self.I),
             "pf_cos": z(B * T, HD), "pf_sin": z(B * T, HD), "pf_run": torch.ones(1, device=dev, dtype=torch.int32),
         }
@@ -711,7 +755,7 @@ class FusedDecoder:
         _select[(1,)](
             b["picks"], b["left"], st.task_loss, st.chosen, st.finished, st.frame_tokens, st.frame_tokens.stride(0),
             st.n_frame, st.cache_len, st.done, st.first, st.budget, st.requirement, st.has_requirement,
-            st.key_mask, st.key_mask.stride(0), b["ids"], b["run"], B,
+            st.key_mask, st.key_mask.stride(0), b["ids"], b["run"], b["row_run"], B,
             K=K, V=V, PAD=self.pad, BLOCK_B=_pow2(B), BLOCK_K=_pow2(K),
         )
         if not run_tokens:
@@ -753,11 +797,14 @@ class FusedDecoder:
         batch's prefill in one pass (``_flash_attention``)."""
         b = st.fused_buffers
         B, K, H, HD = st.B, self.K, self.H, self.HD
+        run_stride = 0  # one run flag for every row
         if T == K:  # a step: its K queries in one block
             blocks, abn, anw = self._step_attn(B)
             S, BQ, BS, part = b["S"], _pow2(max(K, 16)), self.MERGE_BLOCK_S, "p"
             # (the merge has no tl.dot: its block is the K queries, not the dot's 16 rows)
             precision, MQ, mnw = self.ATTN_PRECISION, _pow2(K), self.MERGE_NUM_WARPS
+            if self.SKIP_PAD_ROWS:  # each row's own run flag (_select's row_run)
+                run, run_stride = b["row_run"], 1
         else:
             S, blocks, abn, BQ, BS, part = (b["pf_S"], self.PREFILL_ATTN_BLOCKS, self.PREFILL_ATTN_BLOCK_N,
                                             self.PREFILL_BLOCK_Q, self.PREFILL_MERGE_BLOCK_S, "pf_p")
@@ -765,6 +812,7 @@ class FusedDecoder:
             if self._batch_prefill(B, T):
                 BQ, precision = self.BATCH_PREFILL_BLOCK_Q, self.BATCH_PREFILL_ATTN_PRECISION
                 if self._flash_prefill(B, T):  # every key in one program: no partials
+                    BQ = self.BATCH_PREFILL_FLASH_BLOCK_Q
                     _flash_attention[(triton.cdiv(T, BQ), B * H)](
                         q, st.k_cache[i], st.v_cache[i], st.key_mask, st.key_mask.stride(0), st.cache_len,
                         run, y, st.cap, self.scale,
@@ -782,11 +830,12 @@ class FusedDecoder:
         _attention[(B * H, S, q_blocks)](
             q, st.k_cache[i], st.v_cache[i], st.key_mask, st.key_mask.stride(0), st.cache_len,
             run, pm, pl, pacc, st.cap, S, self.scale,
-            T=T, H=H, HD=HD, BLOCKS=blocks, BLOCK_N=abn, BLOCK_Q=BQ, PRECISION=precision, num_warps=anw,
+            T=T, H=H, HD=HD, BLOCKS=blocks, BLOCK_N=abn, BLOCK_Q=BQ, PRECISION=precision,
+            RUN_STRIDE=run_stride, num_warps=anw,
         )
         _merge[(B * H, triton.cdiv(T, MQ))](
             pm, pl, pacc, y, st.cache_len, run, S,
-            T=T, H=H, HD=HD, SPLIT=blocks * abn, BLOCK_S=BS, BLOCK_Q=MQ, num_warps=mnw,
+            T=T, H=H, HD=HD, SPLIT=blocks * abn, BLOCK_S=BS, BLOCK_Q=MQ, RUN_STRIDE=run_stride, num_warps=mnw,
         )
 
     def _forward(self, st, T, ids, vision, cos, sin, run, x, q, y, act, BR, BN, nw, precision, MLP_BR=None) -> None:
