@@ -138,7 +138,7 @@ class AutoGaze:
             step), "triton", "triton-ieee" (the Triton kernels with every product a float32
             FMA instead of 3xTF32 where that is faster) or "torch"; its ``steps_per_sync``: decode steps per CUDA graph
             launch at most, each launch one host read when a task-loss requirement can stop
-            a frame early (default None: 2).
+            a frame early (default None: 4).
         """
         from . import _native
 

@@ -16,10 +16,9 @@ per-frame loop runs:
   of every step; the launches run at most the ceil(budget / K) steps a frame can take, the
   last of them choosing only (``DecodeState.frame``);
 * the host reads one small status tensor (done flag, frame length, cache length) per graph
-  launch when a task-loss stop can end a frame early (on CUDA one launch behind, from pinned
-  memory, while the next launch runs), and nothing at all when none can (the frame's end is
-  then known: the clip is queued without waiting); the tokens of a clip come to the host in
-  one copy;
+  launch when a task-loss stop can end a frame early, and nothing at all when none can (the
+  frame's end is then known: the clip is queued without waiting); the tokens of a clip come
+  to the host in one copy;
 * decode states (buffers + graphs) are cached per shape in a small LRU that streaming
   sessions share, so a new session or a ``reset()`` does not recapture graphs.
 
@@ -120,12 +119,6 @@ class DecodeState:
         self.graphs: dict[tuple[str, int], "torch.cuda.CUDAGraph"] = {}  # by (what, key length)
         # What the host reads after each graph launch, in one copy: done, n_frame, cache_len.
         self.status = torch.zeros(3, device=dev, dtype=i64)
-        # On CUDA the host reads it from pinned memory one launch behind (``frame``): each
-        # launch's status is copied there, and an event marks when it has landed.
-        self.overlap = backend.use_cuda_graphs and backend.OVERLAP_STATUS_READS
-        if self.overlap:
-            self.status_host = torch.zeros(2, 3, dtype=i64, pin_memory=True)
-            self.status_events = [torch.cuda.Event(), torch.cuda.Event()]
         self.kv_len = capacity  # keys the decode step attends to (set per graph launch)
         self.steps_per_graph = backend.steps_per_sync
         self.key = (batch, capacity)
@@ -215,10 +208,7 @@ class DecodeState:
         )[:, None]
 
     # -- one frame --------------------------------------------------------------------------
-    def frame(self, vision_embeds, budget: int, requirement: Optional[float], overlap: bool = True) -> "torch.Tensor":
-        """One frame (prefill, then decode steps until it is done); its tokens on the device.
-        ``overlap=False`` reads each launch's status before the next launch even on CUDA (a
-        stream's frame: the launch past the frame's end would add to its latency)."""
+    def frame(self, vision_embeds, budget: int, requirement: Optional[float]) -> "torch.Tensor":
         pad, K = self.pad, self.K
         # 1. Prefill, a static shape: the previous frame's pending last step padded to K
         #    slots, then the vision tokens (see _prefill). Its inputs go into static buffers;
@@ -252,7 +242,6 @@ class DecodeState:
             kv_len = self.cap  # the kernels bound the keys themselves: one graph
         else:
             kv_len = self._bucket(self.length + (bound + 1) * K)
-        launch = 0
         while True:
             n = min(self.steps_per_graph, full)
             full -= n
@@ -264,35 +253,12 @@ class DecodeState:
                     self.unchecked.append((self.status.clone(), [1, n_t, cache_len]))
                     break
                 continue
-            if not (self.overlap and overlap):
-                # The one host sync per graph launch: done flag, frame length and cache length.
-                done, n_t, cache_len = self.status.tolist()
-                if done:
-                    break
-                if full == 0:  # pragma: no cover - the budget bounds the steps
-                    raise BackendError("decode loop did not finish within the budget")
-                continue
-            # On CUDA the host reads the status one launch behind: this launch's goes to
-            # pinned memory, and the previous launch's is read while this one runs, so the
-            # GPU does not idle through each read. When the previous launch had ended the
-            # frame, this one ran no-op steps (the price: one launch of them a frame, each
-            # about a step's time: the kernels mask their stores rather than branch). H100:
-            # 45 tiles 284 -> 243 ms; a stream's frame 4.8 -> 6.1 ms, so streams do not.
-            i = launch % 2
-            self.status_host[i].copy_(self.status, non_blocking=True)
-            self.status_events[i].record()
-            launch += 1
-            if launch > 1:
-                self.status_events[1 - i].synchronize()
-                done, n_t, cache_len = self.status_host[1 - i].tolist()
-                if done:
-                    break
-            if full == 0:
-                self.status_events[i].synchronize()
-                done, n_t, cache_len = self.status_host[i].tolist()
-                if not done:  # pragma: no cover - the budget bounds the steps
-                    raise BackendError("decode loop did not finish within the budget")
+            # The one host sync per graph launch: done flag, frame length and cache length.
+            done, n_t, cache_len = self.status.tolist()
+            if done:
                 break
+            if full == 0:  # pragma: no cover - the budget bounds the steps
+                raise BackendError("decode loop did not finish within the budget")
 
         # 3. Frame end (no further sync): its run steps take their final mask; the last step
         #    waits for the next prefill.
@@ -491,13 +457,8 @@ class TorchBackend(ReferenceBackend):
     MAX_CACHED_STATES = 8
     MAX_CACHED_BYTES = 4 << 30
     # Default decode steps per graph launch: 1-4 measured within noise on an H200
-    # (docs/benchmarks.md, 2026-12-04); with the status read one launch behind (H100,
-    # 2026-12-05) the launch past a frame's end costs its steps: the clip 46.3 / 49.6 / 53.3
-    # ms at 2 / 4 / 8, 45 tiles 231 / 229 / 230 ms.
-    STEPS_PER_SYNC = 2
-    # On CUDA, read each launch's status while the next launch runs (DecodeState.frame);
-    # False: read it before the next launch (the GPU idles through each read).
-    OVERLAP_STATUS_READS = True
+    # (docs/benchmarks.md, 2026-12-04).
+    STEPS_PER_SYNC = 4
 
     def __init__(
         self,
@@ -713,7 +674,7 @@ class TorchStream:
         with be.mode():
             emb, self.conv_cache = be.model.embed(be.as_tensor(frame), self.conv_cache)
             st = self._ensure_capacity(budget)
-            tokens = st.frame(emb[:, 0].float(), budget, task_loss_requirement, overlap=False).cpu().numpy()
+            tokens = st.frame(emb[:, 0].float(), budget, task_loss_requirement).cpu().numpy()
             st.verify()
             return tokens
 
