@@ -16,7 +16,10 @@ python3 -c "import autogaze_wgpu._native as n; n.wgpu_adapter_info()" 2>/dev/nul
   export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi -L | tee "$OUT/device.txt"
-python3 -c "import autogaze_wgpu._native as n; print(n.wgpu_adapter_info())" | tee -a "$OUT/device.txt"
+python3 -c "import autogaze_wgpu._native as n; print(n.wgpu_adapter_info())" 2>/dev/null | tee -a "$OUT/device.txt" ||
+  # no adapter: what the Vulkan loader says (2026-12-05's hosts: the ICD found, then
+  # "Could not get 'vkCreateInstance' via 'vk_icdGetInstanceProcAddr'")
+  VK_LOADER_DEBUG=error,warn python3 -c "import autogaze_wgpu._native as n; n.wgpu_adapter_info()" > "$OUT/vulkan-loader.txt" 2>&1
 case "${1:-all}" in
   all|test)
     AUTOGAZE_TEST_DEVICE=cuda timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider \
