@@ -69,7 +69,8 @@ def main(argv=None) -> int:
     p.add_argument("--attn", default="2x64,1x128,4x64", help="blocks per split x keys per block")
     p.add_argument("--warps", default="2,4")
     p.add_argument("--prefill-attn", default="8", help="blocks of keys per split of the prefill's attention")
-    p.add_argument("--prefill-q", default="32", help="queries per block of the prefill's attention")
+    p.add_argument("--prefill-q", default="32",
+                   help="queries per block of the prefill's attention (split-K or, for a large batch, flash)")
     p.add_argument("--set", action="append", default=[], metavar="NAME=V1,V2",
                    help="another FusedDecoder setting to vary (repeatable)")
     p.add_argument("--reps", type=int, default=200)
@@ -91,7 +92,7 @@ def main(argv=None) -> int:
             cfg = {"BLOCK_N": int(bn), "FEW_ROWS_BLOCK_N": int(bn), "ATTN_BLOCKS": blocks, "FEW_ROWS_ATTN_BLOCKS": blocks, "ATTN_BLOCK_N": abn,
                    "FEW_ROWS_ATTN_BLOCK_N": abn,
                    "NUM_WARPS": int(nw), "PREFILL_ATTN_BLOCKS": int(pattn), "PREFILL_BLOCK_Q": int(pq),
-                   "BATCH_PREFILL_BLOCK_Q": int(pq)}
+                   "BATCH_PREFILL_BLOCK_Q": int(pq), "BATCH_PREFILL_FLASH_BLOCK_Q": int(pq)}
             cfg.update({name: v for (name, _), v in zip(extra, more, strict=True)})
             fused = type("Tuned", (FusedDecoder,), cfg)(be)
             be.fused = fused
