@@ -40,6 +40,14 @@ case "${1:-all}" in
       2>&1 | tee -a "$OUT/tune.log" ;;
 esac
 case "${1:-all}" in
+  ab)  # the torch backend's settings against each other, alternating (scripts/ab_torch.py);
+    # by default the defaults (status ring and PDL off), each of them on, and both
+    AB_VARIANTS=${AB_VARIANTS:---variant base: --variant overlap:TorchBackend.OVERLAP_STATUS_READS=True,TorchBackend.STEPS_PER_SYNC=2 --variant pdl:FusedDecoder.PDL=True --variant overlap+pdl:TorchBackend.OVERLAP_STATUS_READS=True,TorchBackend.STEPS_PER_SYNC=2,FusedDecoder.PDL=True}
+    timeout "${AB_TIMEOUT:-400}" python3 scripts/ab_torch.py --model "$AUTOGAZE_FIXTURES/model" \
+      --workloads "${WORKLOADS:-clip788,clip,tiles45,tiles788,stream}" --rounds "${ROUNDS:-5}" $AB_VARIANTS \
+      --json "$OUT/ab.json" 2>&1 | tee "$OUT/ab.log" ;;
+esac
+case "${1:-all}" in
   agreement)  # the torch backend's fast modes against its float32 mode (docs/benchmarks.md)
     timeout 500 python3 scripts/fast_mode_agreement.py --device cuda --model "$AUTOGAZE_FIXTURES/model" \
       --repeat "${REPEAT:-5}" --json "$OUT/fast_modes.json" 2>&1 | tee "$OUT/fast_modes.log" ;;

@@ -66,3 +66,40 @@ def test_a_backend_without_a_device_is_skipped_not_fatal(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "wgpu      skipped: no GPU adapter found" in out and "skipped: wgpu (no GPU adapter found)" in out
     assert "reference  clip788" in out
+
+
+def _ab_torch():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "ab_torch.py"
+    spec = importlib.util.spec_from_file_location("ab_torch", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_ab_script_alternates_variants_and_compares_their_tokens(tmp_path, capsys):
+    from autogaze_wgpu.backends.torch_backend import TorchBackend
+
+    ab = _ab_torch()
+    default = TorchBackend.STEPS_PER_SYNC
+    out = tmp_path / "ab.json"
+    ab.main(["--model", str(MODEL_DIR), "--device", "cpu", "--workloads", "clip788", "--rounds", "1",
+             "--variant", "base:", "--variant", "one:TorchBackend.STEPS_PER_SYNC=1", "--json", str(out)])
+    assert TorchBackend.STEPS_PER_SYNC == default  # restored after each use
+    lines = [x.split() for x in capsys.readouterr().out.splitlines() if x.startswith(("base", "one"))]
+    assert [x[:2] for x in lines] == [["base", "clip788"], ["one", "clip788"]]
+    assert lines[0][3] == "1.000x" and all(x[-1] == "same" for x in lines)
+    import json
+
+    rows = json.loads(out.read_text())["rows"]
+    assert [len(r["runs_s"]) for r in rows] == [1, 1] and all(r["tokens_same_as_first"] for r in rows)
+
+
+@pytest.mark.parametrize("bad", ["x:TorchBackend.NO_SUCH=1", "x:Nope.STEPS_PER_SYNC=1", "x:TorchBackend.STEPS_PER_SYNC"])
+def test_ab_script_refuses_unknown_settings(bad):
+    ab = _ab_torch()
+    with pytest.raises(SystemExit):
+        name, settings = ab.parse_variant(bad)
+        with ab.applied(settings):
+            pass

@@ -16,9 +16,10 @@ per-frame loop runs:
   of every step; the launches run at most the ceil(budget / K) steps a frame can take, the
   last of them choosing only (``DecodeState.frame``);
 * the host reads one small status tensor (done flag, frame length, cache length) per graph
-  launch when a task-loss stop can end a frame early, and nothing at all when none can (the
-  frame's end is then known: the clip is queued without waiting); the tokens of a clip come
-  to the host in one copy;
+  launch when a task-loss stop can end a frame early (on CUDA one launch behind, from pinned
+  memory, while the next launch runs), and nothing at all when none can (the frame's end is
+  then known: the clip is queued without waiting); the tokens of a clip come to the host in
+  one copy;
 * decode states (buffers + graphs) are cached per shape in a small LRU that streaming
   sessions share, so a new session or a ``reset()`` does not recapture graphs.
 
@@ -36,6 +37,7 @@ import contextlib
 import os
 import sys
 import threading
+import weakref
 from typing import Optional
 
 import numpy as np
@@ -71,6 +73,49 @@ def load_triton_decode():
     from . import triton_decode
 
     return triton_decode
+
+
+class StatusRing:
+    """Two pinned host slots for decode launches' statuses (done, frame length, cache
+    length) and the events that mark each copy's arrival: ``DecodeState.frame`` reads a
+    launch's status through them while the next launch runs. A backend takes one from a
+    process-wide pool (``take``) and hands it back when it is collected; rings are never
+    freed. Why: when torch frees a pinned block that an async copy used, it records an event
+    on that copy's stream, and a free from garbage collection while another graph was being
+    captured broke that capture (H100, 2026-12-05: "operation failed due to a previous
+    error during capture", with a pinned buffer per decode state)."""
+
+    _pool: "collections.defaultdict[int, list[StatusRing]]" = collections.defaultdict(list)
+
+    def __init__(self, device: "torch.device"):
+        self.device = device
+        self.host = torch.zeros(2, 3, dtype=torch.int64, pin_memory=True)
+        self.events = [torch.cuda.Event(), torch.cuda.Event()]
+
+    @classmethod
+    def take(cls, owner, device: "torch.device") -> "StatusRing":
+        """A ring for CUDA ``device``, back in the pool when ``owner`` is collected."""
+        if device.index is None:  # "cuda": the current device, as torch places its tensors
+            device = torch.device("cuda", torch.cuda.current_device())
+        pool = cls._pool[device.index]
+        try:
+            ring = pool.pop()  # (atomic under the GIL, as is the append below)
+        except IndexError:
+            with torch.cuda.device(device):  # the events' and the pinned block's device
+                ring = cls(device)
+        weakref.finalize(owner, pool.append, ring)
+        return ring
+
+    def put(self, i: int, status: "torch.Tensor") -> None:
+        """Queues slot i's copy of the device ``status`` after the work queued so far."""
+        stream = torch.cuda.current_stream(self.device)
+        self.host[i].copy_(status, non_blocking=True)
+        self.events[i].record(stream)
+
+    def get(self, i: int) -> list[int]:
+        """Slot i's status once its copy has landed (waits for that copy only)."""
+        self.events[i].synchronize()
+        return self.host[i].tolist()
 
 
 class DecodeState:
@@ -208,7 +253,13 @@ class DecodeState:
         )[:, None]
 
     # -- one frame --------------------------------------------------------------------------
-    def frame(self, vision_embeds, budget: int, requirement: Optional[float]) -> "torch.Tensor":
+    def frame(
+        self, vision_embeds, budget: int, requirement: Optional[float], ring: Optional["StatusRing"] = None
+    ) -> "torch.Tensor":
+        """One frame (prefill, then decode steps until it is done); its tokens on the device.
+        With a ``ring`` (CUDA) the host reads each launch's status one launch behind through
+        it; without, before the next launch (a stream's frame: the launch past the frame's
+        end would add to its latency)."""
         pad, K = self.pad, self.K
         # 1. Prefill, a static shape: the previous frame's pending last step padded to K
         #    slots, then the vision tokens (see _prefill). Its inputs go into static buffers;
@@ -242,6 +293,7 @@ class DecodeState:
             kv_len = self.cap  # the kernels bound the keys themselves: one graph
         else:
             kv_len = self._bucket(self.length + (bound + 1) * K)
+        launch = 0
         while True:
             n = min(self.steps_per_graph, full)
             full -= n
@@ -253,12 +305,32 @@ class DecodeState:
                     self.unchecked.append((self.status.clone(), [1, n_t, cache_len]))
                     break
                 continue
-            # The one host sync per graph launch: done flag, frame length and cache length.
-            done, n_t, cache_len = self.status.tolist()
-            if done:
+            if ring is None:
+                # The one host sync per graph launch: done flag, frame length and cache length.
+                done, n_t, cache_len = self.status.tolist()
+                if done:
+                    break
+                if full == 0:  # pragma: no cover - the budget bounds the steps
+                    raise BackendError("decode loop did not finish within the budget")
+                continue
+            # On CUDA the host reads the status one launch behind: this launch's goes to
+            # pinned memory, and the previous launch's is read while this one runs, so the
+            # GPU does not idle through each read. When the previous launch had ended the
+            # frame, this one ran no-op steps (the price: one launch of them a frame, each
+            # about a step's time: the kernels mask their stores rather than branch). H100:
+            # 45 tiles 284 -> 243 ms; a stream's frame 4.8 -> 6.1 ms, so streams do not.
+            i = launch % 2
+            ring.put(i, self.status)
+            launch += 1
+            if launch > 1:
+                done, n_t, cache_len = ring.get(1 - i)
+                if done:
+                    break
+            if full == 0:
+                done, n_t, cache_len = ring.get(i)
+                if not done:  # pragma: no cover - the budget bounds the steps
+                    raise BackendError("decode loop did not finish within the budget")
                 break
-            if full == 0:  # pragma: no cover - the budget bounds the steps
-                raise BackendError("decode loop did not finish within the budget")
 
         # 3. Frame end (no further sync): its run steps take their final mask; the last step
         #    waits for the next prefill.
@@ -457,8 +529,17 @@ class TorchBackend(ReferenceBackend):
     MAX_CACHED_STATES = 8
     MAX_CACHED_BYTES = 4 << 30
     # Default decode steps per graph launch: 1-4 measured within noise on an H200
-    # (docs/benchmarks.md, 2026-12-04).
+    # (docs/benchmarks.md, 2026-12-04). With the status read one launch behind, the launch
+    # past a frame's end costs its steps: the first version (H100, 2026-12-05) timed the
+    # clip 46.3 / 49.6 / 53.3 ms at 2 / 4 / 8, 45 tiles 231 / 229 / 230 ms.
     STEPS_PER_SYNC = 4
+    # On CUDA, generate() reads each launch's status while the next launch runs (through a
+    # StatusRing, DecodeState.frame); False: before the next launch (the GPU idles through
+    # each read: 45 tiles' host gaps, 23 ms of 250 on an H100). Off until measured on a GPU:
+    # the first version (a pinned buffer per state; 45 tiles 284 -> 243 ms) broke a later
+    # graph capture, and this one (``StatusRing``) has run only its loop on the CPU
+    # (tests/test_torch_backend.py); scripts/ab_torch.py times it against this default.
+    OVERLAP_STATUS_READS = False
 
     def __init__(
         self,
@@ -521,6 +602,11 @@ class TorchBackend(ReferenceBackend):
         self._returned: collections.deque[DecodeState] = collections.deque()
         # generate() runs one call at a time per model (its state and graphs are in use).
         self._lock = threading.Lock()
+        # On CUDA generate() reads each decode launch's status one launch behind (through
+        # this ring; None: before the next launch). Streams read in step.
+        self._status_ring = (
+            StatusRing.take(self, self.device) if self.use_cuda_graphs and self.OVERLAP_STATUS_READS else None
+        )
 
     DECODE_KERNELS = ("auto", "triton", "triton-ieee", "torch")
 
@@ -624,7 +710,8 @@ class TorchBackend(ReferenceBackend):
             B, T = emb.shape[:2]
             st = self.acquire_state(B, self.capacity(T, budgets))
             try:
-                tokens = [st.frame(emb[:, t], budgets[t], task_loss_requirement) for t in range(T)]
+                ring = self._status_ring
+                tokens = [st.frame(emb[:, t], budgets[t], task_loss_requirement, ring) for t in range(T)]
                 st.verify()
             finally:
                 self.release_state(st)

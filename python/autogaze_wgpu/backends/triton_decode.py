@@ -63,10 +63,12 @@ def _pow2(n: int) -> int:
 def _pick(
     logits_ptr, chosen_ptr, done_ptr, picks_ptr, left_ptr,
     K: tl.constexpr, V: tl.constexpr, PAD: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    GDC: tl.constexpr = False,
 ):
     """One batch row's part of the step's choice: the K heads' argmaxes (first maximum on
     ties) over the ids not yet chosen in the frame, never EOS, each pick masked for the later
     heads (even if it becomes pad below); and how many ids the row may still pick."""
+    _gdc(GDC)
     if tl.load(done_ptr).to(tl.int32) == 0:
         b = tl.program_id(0)
         ids = tl.arange(0, BLOCK_V)
@@ -90,6 +92,7 @@ def _select(
     n_frame_ptr, cache_len_ptr, done_ptr, first_ptr, budget_ptr, req_ptr, has_req_ptr,
     key_mask_ptr, km_stride, step_ids_ptr, run_ptr, row_run_ptr, B,
     K: tl.constexpr, V: tl.constexpr, PAD: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
+    GDC: tl.constexpr = False,
 ):
     """The batch-wide rest of the step's choice (SPEC §5 step 2, as
     ``DecodeState._decode_step`` decides it) from ``_pick``'s rows: which heads the step
@@ -99,6 +102,7 @@ def _select(
     tokens is read again (its choices are pad from now on, and these slots' keys are
     masked once the frame ends), so its attention need not read its keys; once most of 45
     tiles have met their task-loss requirement that is most of a step's reads."""
+    _gdc(GDC)
     done = tl.load(done_ptr).to(tl.int32)
     rows = tl.arange(0, BLOCK_B)
     rmask = rows < B
@@ -172,6 +176,18 @@ def _run_flag(run_ptr, like):
 
 
 @triton.jit
+def _gdc(GDC: tl.constexpr):
+    """Programmatic dependent launch (Hopper+, ``FusedDecoder.PDL``): each kernel is
+    launched while the previous one still runs, waits here until that one has finished and
+    its writes are visible, then lets the next one launch. So a kernel's launch and start
+    overlap the previous kernel's tail instead of following it; a step is 27 dependent
+    launches."""
+    if GDC:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
 def _rms_scale(src, rmask, C: tl.constexpr, BLOCK_C: tl.constexpr, eps):
     """1 / sqrt(mean(x^2) + eps) of the rows at ``src`` (row pointers), LlamaRMSNorm's
     float32 statistics."""
@@ -239,6 +255,7 @@ def _qkv(
     GATHER: tl.constexpr, T: tl.constexpr, NG: tl.constexpr,
     C: tl.constexpr, H: tl.constexpr, HD: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    GDC: tl.constexpr = False,
 ):
     """RMSNorm(x) @ [Wq; Wk; Wv]^T for one head of q, k or v (program axis 1), RoPE on q and
     k, q to ``q_ptr`` (B, H, T, HD) and k/v into the cache at slots cache_len + [0, T), for
@@ -246,6 +263,7 @@ def _qkv(
     Layer 0 (GATHER) starts the residual stream x: a row's first NG tokens through
     embed_tokens (ids (B, NG)), the rest from the vision tokens (B, T - NG, C): a decode step
     has T = NG = K, the prefill the K pending slots then the vision tokens."""
+    _gdc(GDC)
     HALF: tl.constexpr = HD // 2
     which = tl.program_id(1) // H  # 0 q, 1 k, 2 v
     head = tl.program_id(1) % H
@@ -354,6 +372,7 @@ def _attention(
     T: tl.constexpr, H: tl.constexpr, HD: tl.constexpr,
     BLOCKS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr, PRECISION: tl.constexpr,
     RUN_STRIDE: tl.constexpr,
+    GDC: tl.constexpr = False,
 ):
     """BLOCK_Q of the T queries of one (row, head) (program axis 2; a decode step has T = K,
     one block) against one split of the cache (axis 1: BLOCKS x BLOCK_N keys): causal (query
@@ -363,6 +382,7 @@ def _attention(
     were as fast for one video and slower for 45 tiles, the prefill's much slower).
     The run flag is row b's at run_ptr + b * RUN_STRIDE (0: one flag for the launch; a step
     has a flag per row, ``_select``'s ``row_run``)."""
+    _gdc(GDC)
     bh = tl.program_id(0)
     sp = tl.program_id(1)
     qb = tl.program_id(2)
@@ -394,6 +414,7 @@ def _flash_attention(
     q_ptr, kc_ptr, vc_ptr, key_mask_ptr, km_stride, cache_len_ptr, run_ptr, y_ptr, cap, scale,
     T: tl.constexpr, H: tl.constexpr, HD: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr, PRECISION: tl.constexpr,
+    GDC: tl.constexpr = False,
 ):
     """BLOCK_Q of the T queries of one (row, head) (program axis 0; axis 1 is the (row,
     head), so a row's query blocks run side by side and share its keys in L2) against every
@@ -402,6 +423,7 @@ def _flash_attention(
     blocks to fill the GPU without splitting the keys, so this needs no partials and no
     ``_merge`` (a split-K prefill wrote and re-read ~34 floats a query per split); y through
     ``_store_output``, as ``_merge``'s."""
+    _gdc(GDC)
     qb = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -439,10 +461,12 @@ def _merge(
     pm_ptr, pl_ptr, pacc_ptr, y_ptr, cache_len_ptr, run_ptr, S,
     T: tl.constexpr, H: tl.constexpr, HD: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_Q: tl.constexpr, RUN_STRIDE: tl.constexpr,
+    GDC: tl.constexpr = False,
 ):
     """softmax(scores) @ values for BLOCK_Q of the T queries of one (row, head) (program axis
     1, the blocks of ``_attention``) from the splits that hold keys they see (online over
     chunks of BLOCK_S splits) into y (``_store_output``); the run flag as ``_attention``'s."""
+    _gdc(GDC)
     bh = tl.program_id(0)
     qb = tl.program_id(1)
     b = bh // H
@@ -477,8 +501,10 @@ def _linear_residual(
     a_ptr, w_ptr, x_ptr, run_ptr, R,
     N: tl.constexpr, KD: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    GDC: tl.constexpr = False,
 ):
     """x (R, N) += a (R, KD) @ W^T, W (N, KD): o_proj and down_proj with their residual."""
+    _gdc(GDC)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     m2 = (rows[:, None] < R) & (cols[None, :] < N)
@@ -497,8 +523,10 @@ def _gate_up(
     C: tl.constexpr, I: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
+    GDC: tl.constexpr = False,
 ):
     """act = silu(h Wg^T) * (h Wu^T), h = RMSNorm(x); W = [Wg; Wu] (2I, C)."""
+    _gdc(GDC)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < R
@@ -516,10 +544,12 @@ def _heads(
     x_ptr, norm_ptr, w_ptr, logits_ptr, task_loss_ptr, cache_len_ptr, run_ptr, B, eps,
     C: tl.constexpr, K: tl.constexpr, T: tl.constexpr, NL: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GDC: tl.constexpr = False,
 ):
     """Final RMSNorm of each row's last token (of T), then [lm_head; task-loss head] (NL + K
     outputs): logits (B, NL) and task losses (B, K). Program (0, 0) then advances the cache
     length past the T tokens."""
+    _gdc(GDC)
     bs = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     bmask = bs < B
@@ -544,6 +574,19 @@ def supported(cfg) -> bool:
         cfg.num_attention_heads * hd == cfg.hidden_size
         and hd >= 32 and hd & (hd - 1) == 0
         and cfg.num_multi_token_pred <= 16
+    )
+
+
+def _pdl_supported(device) -> bool:
+    """Whether kernels on ``device`` can take programmatic dependent launch: a CUDA GPU of
+    compute capability 9 or later (not the interpreter) and a Triton with ``gdc_wait``."""
+    import torch
+
+    return (
+        not _interpreted(device)
+        and torch.cuda.get_device_capability(device)[0] >= 9
+        and hasattr(tl.extra.cuda, "gdc_wait")
+        and hasattr(tl.extra.cuda, "gdc_launch_dependents")
     )
 
 
@@ -640,6 +683,12 @@ class FusedDecoder:
         "BATCH_PREFILL_FLASH_BLOCK_N": 512, "BATCH_PREFILL_FLASH_BLOCK_Q": 256,
     }
 
+    # Programmatic dependent launch (``_gdc``): each kernel launches while the previous one
+    # runs and waits for it inside. True: on where the GPU (compute capability >= 9, Hopper)
+    # and Triton have it. Off until measured on a GPU (scripts/ab_torch.py): no device was
+    # lent the session that wrote it.
+    PDL = False
+
     def __init__(self, backend, ieee: bool = False):
         import torch
 
@@ -672,6 +721,12 @@ class FusedDecoder:
         if _interpreted(backend.device):
             for name, value in self.INTERPRETER_TILES.items():
                 setattr(self, name, value)
+        self._pdl_ok = _pdl_supported(backend.device)
+
+    @property
+    def launch(self) -> dict:
+        """What every kernel launch adds: the PDL flag and launch option (``PDL``), or nothing."""
+        return {"GDC": True, "launch_pdl": True} if self.PDL and self._pdl_ok else {}
 
     def product_errors(self, rows: int = 450, seed: int = 0) -> dict[str, float]:
         """How exact each way of multiplying is, at the decoder's sizes: the max abs error
@@ -750,13 +805,13 @@ class FusedDecoder:
         B, K, V = st.B, self.K, self.V
         _pick[(B,)](
             st.logits, st.chosen, st.done, b["picks"], b["left"],
-            K=K, V=V, PAD=self.pad, BLOCK_V=_pow2(V), BLOCK_K=_pow2(K),
+            K=K, V=V, PAD=self.pad, BLOCK_V=_pow2(V), BLOCK_K=_pow2(K), **self.launch,
         )
         _select[(1,)](
             b["picks"], b["left"], st.task_loss, st.chosen, st.finished, st.frame_tokens, st.frame_tokens.stride(0),
             st.n_frame, st.cache_len, st.done, st.first, st.budget, st.requirement, st.has_requirement,
             st.key_mask, st.key_mask.stride(0), b["ids"], b["run"], b["row_run"], B,
-            K=K, V=V, PAD=self.pad, BLOCK_B=_pow2(B), BLOCK_K=_pow2(K),
+            K=K, V=V, PAD=self.pad, BLOCK_B=_pow2(B), BLOCK_K=_pow2(K), **self.launch,
         )
         if not run_tokens:
             return
@@ -818,6 +873,7 @@ class FusedDecoder:
                         run, y, st.cap, self.scale,
                         T=T, H=H, HD=HD, BLOCK_N=self.BATCH_PREFILL_FLASH_BLOCK_N, BLOCK_Q=BQ, PRECISION=precision,
                         num_warps=self.BATCH_PREFILL_FLASH_NUM_WARPS, num_stages=self.BATCH_PREFILL_FLASH_STAGES,
+                        **self.launch,
                     )
                     return
             # the merge's query blocks nest in the attention's (powers of two), so each reads
@@ -831,11 +887,12 @@ class FusedDecoder:
             q, st.k_cache[i], st.v_cache[i], st.key_mask, st.key_mask.stride(0), st.cache_len,
             run, pm, pl, pacc, st.cap, S, self.scale,
             T=T, H=H, HD=HD, BLOCKS=blocks, BLOCK_N=abn, BLOCK_Q=BQ, PRECISION=precision,
-            RUN_STRIDE=run_stride, num_warps=anw,
+            RUN_STRIDE=run_stride, num_warps=anw, **self.launch,
         )
         _merge[(B * H, triton.cdiv(T, MQ))](
             pm, pl, pacc, y, st.cache_len, run, S,
             T=T, H=H, HD=HD, SPLIT=blocks * abn, BLOCK_S=BS, BLOCK_Q=MQ, RUN_STRIDE=run_stride, num_warps=mnw,
+            **self.launch,
         )
 
     def _forward(self, st, T, ids, vision, cos, sin, run, x, q, y, act, BR, BN, nw, precision, MLP_BR=None) -> None:
@@ -855,24 +912,25 @@ class FusedDecoder:
                 x, ids, self.embed, vision, n_in, w_qkv, cos, sin, q,
                 st.k_cache[i], st.v_cache[i], st.cache_len, run, R, st.cap, self.eps,
                 GATHER=i == 0, T=T, NG=K, C=C, H=H, HD=HD, BLOCK_R=BR, BLOCK_C=BC, BLOCK_K=BK,
-                PRECISION=precision, num_warps=nw,
+                PRECISION=precision, num_warps=nw, **self.launch,
             )
             self._attend(st, i, T, q, y, run, nw)
             _linear_residual[(mlp_rows, triton.cdiv(C, BN))](
                 y, w_o, x, run, R, N=C, KD=C, BLOCK_R=MLP_BR, BLOCK_N=BN, BLOCK_K=BK,
-                PRECISION=precision, num_warps=nw,
+                PRECISION=precision, num_warps=nw, **self.launch,
             )
             _gate_up[(mlp_rows, triton.cdiv(I, BN))](
                 x, n_post, w_gu, act, run, R, self.eps,
                 C=C, I=I, BLOCK_R=MLP_BR, BLOCK_C=BC, BLOCK_N=BN, BLOCK_K=BK, PRECISION=precision, num_warps=nw,
+                **self.launch,
             )
             _linear_residual[(mlp_rows, triton.cdiv(C, BN))](
                 act, w_down, x, run, R, N=C, KD=I, BLOCK_R=MLP_BR, BLOCK_N=BN, BLOCK_K=BK,
-                PRECISION=precision, num_warps=nw,
+                PRECISION=precision, num_warps=nw, **self.launch,
             )
         NL = K * V
         _heads[(triton.cdiv(B, self.BLOCK_R), triton.cdiv(NL + K, self.HEADS_BLOCK_N))](
             x, self.final_norm, self.w_heads, st.logits, st.task_loss, st.cache_len, run, B, self.eps,
             C=C, K=K, T=T, NL=NL, BLOCK_R=self.BLOCK_R, BLOCK_C=BC, BLOCK_N=self.HEADS_BLOCK_N, BLOCK_K=BK,
-            num_warps=nw,
+            num_warps=nw, **self.launch,
         )
