@@ -219,36 +219,52 @@ def test_triton_loads_after_lavapipe_in_one_process():
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), (r.returncode, r.stderr[-2000:])
 
 
+_DECODE_STATE = ("decode_pos", "rope_cos", "rope_sin", "key_mask", "chosen", "n_frame", "done")
+_baseline: dict = {}  # run 0 of _prefill_twice (the default settings), computed once
+
+
+def _prefill_run(be, emb) -> dict:
+    """2 frames of ``emb`` (2 rows, 26 slots a frame) on a fresh state under the settings in
+    force: its tokens, and copies of its cache, heads and decode state."""
+    be.close()  # no cached state (and its graphs) from an earlier run
+    st = be.acquire_state(2, be.capacity(2, [26, 26]))
+    with torch.no_grad():
+        tokens = [st.frame(emb[:, t], 26, 0.7) for t in range(2)]
+    L = int(st.cache_len)
+    out = {"tokens": tokens, "L": L, "k": st.k_cache[:, :, :, :L].clone(), "v": st.v_cache[:, :, :, :L].clone(),
+           "logits": st.logits.clone(), "task_loss": st.task_loss.clone()}
+    out.update({name: getattr(st, name).clone() for name in _DECODE_STATE})
+    be.release_state(st)
+    be.close()
+    return out
+
+
 def _prefill_twice(be, setup):
     """Two runs of 2 frames x 2 rows (case a and its reverse, 26 slots a frame) on fresh
     states, ``setup(run)`` (run 0, then 1) before each, so each captures its own graphs; the
     second frame's prefill runs the first's pending step. Checks that both runs give the same
-    tokens, the same cache and heads to float32 noise and the same decode state, then
-    releases the states."""
+    tokens, the same cache and heads to float32 noise and the same decode state. Run 0 is
+    the default settings for every caller (a 2-row prefill is below every large-batch
+    threshold), so it runs once per module: the interpreter takes minutes per run."""
     pv = case_pixel_values("a")[:, :2]
     emb = be.embed(np.concatenate([pv, pv[:, ::-1]]))
-    be.close()  # no cached state (and its graphs) from an earlier test
-    states, tokens = [], []
-    for run in (0, 1):
-        setup(run)
-        st = be.acquire_state(2, be.capacity(2, [26, 26]))
-        with torch.no_grad():
-            tokens.append([st.frame(emb[:, t], 26, 0.7) for t in range(2)])
-        states.append(st)
-    for x, y in zip(*tokens, strict=True):
+    setup(0)
+    key = id(be)
+    if key not in _baseline:
+        _baseline.clear()
+        _baseline[key] = _prefill_run(be, emb)
+    a = _baseline[key]
+    setup(1)
+    b = _prefill_run(be, emb)
+    for x, y in zip(a["tokens"], b["tokens"], strict=True):
         assert torch.equal(x, y)
-    a, b = states
-    L = int(a.cache_len)
-    assert L == int(b.cache_len) and L > 400
-    torch.testing.assert_close(a.k_cache[:, :, :, :L], b.k_cache[:, :, :, :L], atol=1e-3, rtol=0)
-    torch.testing.assert_close(a.v_cache[:, :, :, :L], b.v_cache[:, :, :, :L], atol=1e-3, rtol=0)
-    torch.testing.assert_close(a.logits, b.logits, atol=1e-3, rtol=0)
-    torch.testing.assert_close(a.task_loss, b.task_loss, atol=5e-5, rtol=0)
-    for name in ("decode_pos", "rope_cos", "rope_sin", "key_mask", "chosen", "n_frame", "done"):
-        assert torch.equal(getattr(a, name), getattr(b, name)), name
-    for st in states:
-        be.release_state(st)
-    be.close()
+    assert a["L"] == b["L"] and a["L"] > 400
+    torch.testing.assert_close(a["k"], b["k"], atol=1e-3, rtol=0)
+    torch.testing.assert_close(a["v"], b["v"], atol=1e-3, rtol=0)
+    torch.testing.assert_close(a["logits"], b["logits"], atol=1e-3, rtol=0)
+    torch.testing.assert_close(a["task_loss"], b["task_loss"], atol=5e-5, rtol=0)
+    for name in _DECODE_STATE:
+        assert torch.equal(a[name], b[name]), name
 
 
 def test_prefill_with_cublas_gemms_equals_the_triton_prefill(fused, monkeypatch):
