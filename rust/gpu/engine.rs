@@ -2151,20 +2151,24 @@ impl Engine {
                 }
                 let n = frame_lens[t0 + j];
                 // Forward 0: the vision tokens (token slots idle), heads at the last one;
-                // forward c + 1: slots [c sl, c sl + len) right-aligned in sl token slots,
-                // heads at the ends of its whole groups of K.
+                // forward c + 1: slots [c sl, c sl + len) right-aligned in the fewest whole
+                // groups of K that hold them (at most sl token slots), heads at the ends of
+                // its whole groups of K. Sized to its slots, not to sl: every kernel's cost
+                // is per token slot, and a frame stopped by the task loss has few slots.
                 let chunks = n.div_ceil(sl);
                 let mut img = vec![0u32; (1 + chunks) * img_words];
-                let mut fwd = Vec::with_capacity(1 + chunks); // (first, heads rows)
+                let mut fwd = Vec::with_capacity(1 + chunks); // (token slots, first, heads rows)
                 for f in 0..=chunks {
                     let im = &mut img[f * img_words..(f + 1) * img_words];
                     let (lead, nt, first, base, slot) = if f == 0 {
                         (k, ntp, k, off as i64 - k as i64, so)
                     } else {
                         let s0 = (f - 1) * sl;
-                        let first = sl - sl.min(n - s0);
+                        let len = sl.min(n - s0);
+                        let nt = len.next_multiple_of(k); // <= sl, a multiple of K
+                        let first = nt - len;
                         let base = (off + p + s0) as i64 - first as i64;
-                        (sl, sl, first, base, so + s0 + k)
+                        (nt, nt, first, base, so + s0 + k)
                     };
                     im[layout::S_BASE] = base as i32 as u32;
                     im[layout::S_FIRST] = first as u32;
@@ -2184,12 +2188,12 @@ impl Engine {
                             }
                         }
                     }
-                    fwd.push((first, if f == 0 { 1 } else { (nt - first) / k }));
+                    fwd.push((nt, first, if f == 0 { 1 } else { (nt - first) / k }));
                 }
                 i.ctx.write(&plans, 0, &img);
                 let l_upper = off + p + n;
                 let hb = (layout::S_HDR * 4) as u64;
-                for (f, &(first, rows)) in fwd.iter().enumerate() {
+                for (f, &(nt, first, rows)) in fwd.iter().enumerate() {
                     let at = (f * img_words * 4) as u64;
                     let enc = rec.encoder();
                     enc.copy_buffer_to_buffer(&plans, at, &ws.state, 0, hb);
@@ -2213,7 +2217,7 @@ impl Engine {
                             l_upper,
                             None,
                             true,
-                            Some(sl),
+                            Some(nt),
                         )?;
                         if rows == 0 {
                             continue; // a lone partial group: no row of it is scored
@@ -2226,7 +2230,7 @@ impl Engine {
                             w_off: i.off.head as u32,
                             g_off: i.off.norm as u32,
                             eps: d.eps_rms,
-                            nt: sl as u32,
+                            nt: nt as u32,
                             rows_per: rows as u32,
                             row_last: (first + rows * k - 1) as u32,
                             row_step: k as u32,
