@@ -64,25 +64,34 @@ def test_random_model_exercises_both_stopping_rules(rand_dir, rand_pixels, backe
 
 
 def test_batched_streaming_equals_whole_clip(rand_dir, rand_pixels, backend):
+    """A 2-row stream gives the whole clip's tokens. 4 of the 6 frames: the stream's
+    3-frame conv ring wraps at frame 3, and later frames run the same kernels on a longer
+    cache (case f streams 16 frames against the official per-frame calls), and on lavapipe
+    they were most of this test's time."""
     model = ag.AutoGaze.from_pretrained(rand_dir, backend=backend)
-    whole = model.generate(rand_pixels, gazing_ratio=0.3, task_loss_requirement=0.7)
+    pixels = rand_pixels[:, :4]
+    whole = model.generate(pixels, gazing_ratio=0.3, task_loss_requirement=0.7)
     session = model.stream(batch_size=2, gazing_ratio=0.3, task_loss_requirement=0.7)
-    per_frame = [session.step(rand_pixels[:, t : t + 1]) for t in range(rand_pixels.shape[1])]
+    per_frame = [session.step(pixels[:, t : t + 1]) for t in range(pixels.shape[1])]
     np.testing.assert_array_equal(
         np.concatenate([o.gazing_pos + 265 * t for t, o in enumerate(per_frame)], 1), whole.gazing_pos
     )
-    assert session.frame_index == rand_pixels.shape[1]
+    assert session.frame_index == pixels.shape[1]
 
 
 def test_score_matches_the_reference_on_other_weights(rand_dir, rand_pixels, backend):
     """Scores of the random model's own gazes (pads included) equal the reference's within
     the SPEC tolerances, up to whole frames of 265 slots; later calls on other gazes reuse
-    the backend's buffers."""
+    the backend's buffers.
+
+    The gazes are the reference's: scoring is teacher-forced, so any valid gazes test it, and
+    generating them with the backend under test only repeated generation work that the
+    generate tests check (on lavapipe, 3 wgpu generates were most of this test's ~4 min)."""
     model = ag.AutoGaze.from_pretrained(rand_dir, backend=backend)
     ref = ag.AutoGaze.from_pretrained(rand_dir, backend="reference")
     # ratio 1: 265 slots per frame, more than one wgpu score forward holds (200)
     for ratio, req, T in ((0.2, None, 3), (0.5, 0.7, 3), (1.0, None, 2)):
-        out = model.generate(rand_pixels[:, :T], gazing_ratio=ratio, task_loss_requirement=req)
+        out = ref.generate(rand_pixels[:, :T], gazing_ratio=ratio, task_loss_requirement=req)
         s = model.score(rand_pixels[:, :T], out)
         want = ref.score(rand_pixels[:, :T], out)
         assert s.gaze_probs.shape == out.gazing_pos.shape
