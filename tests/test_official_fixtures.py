@@ -30,6 +30,33 @@ TOL_PROBS = 2e-4
 TOL_TASK_LOSS = 5e-5
 TOL_LOGITS = 1e-3
 
+# wgpu's parity runs on lavapipe in CI, several seconds a frame, so there cases a, c and e
+# run on their first frames: a clip's first t frames give the first t frames of its gazes
+# and scores (the decoder is causal over frames; the Rust parity tests check 3-frame
+# prefixes the same way). Case b (16 x 198 slots, no stop: the longest cache) and the
+# streaming case f (16 frames of a's video, with the task-loss stop) stay whole for every
+# backend, and reference and torch run every case whole.
+PREFIX_FRAMES = {"wgpu": {"a": 8, "c": 8, "e": 4}}
+
+
+def case_frames(backend: str, name: str) -> int | None:
+    """Frames of case ``name`` that ``backend``'s generate/score parity runs (None: all)."""
+    return PREFIX_FRAMES.get(backend, {}).get(name)
+
+
+def first_frames(data: dict, t: int | None) -> dict:
+    """The case's expected gazes and scores for its first t frames (None: all of them)."""
+    if t is None:
+        return data
+    n = int(data["num_gazing_each_frame"][:t].sum())
+    out = {**data, "num_gazing_each_frame": data["num_gazing_each_frame"][:t]}
+    for key in ("gazing_pos", "if_padded_gazing", "tf_gaze_probs", "tf_task_loss_prediction", "log_action_probs"):
+        if key in data:
+            out[key] = data[key][:, :n]
+    for i in SCALES:
+        out[f"gazing_mask_scale{i}"] = data[f"gazing_mask_scale{i}"][:, :t]
+    return out
+
 
 def case_call(name: str) -> dict:
     meta, _ = load_case(name)
@@ -39,7 +66,7 @@ def case_call(name: str) -> dict:
 @lru_cache(maxsize=None)
 def generated(backend: str, name: str) -> GazeOutput:
     pv = case_pixel_values(name) if name in ("g2", "g3") else case_model_input(name)
-    return load_model(backend).generate(pv, **case_call(name))
+    return load_model(backend).generate(pv[:, : case_frames(backend, name)], **case_call(name))
 
 
 def assert_gazes_equal(out: GazeOutput, data: dict, prefix: str = "") -> None:
@@ -82,7 +109,7 @@ def test_vision_embeds(backend, name):
 @pytest.mark.parametrize("name", GENERATE_CASES)
 def test_generate_matches_official(backend, name):
     _, data = load_case(name)
-    assert_gazes_equal(generated(backend, name), data)
+    assert_gazes_equal(generated(backend, name), first_frames(data, case_frames(backend, name)))
 
 
 def test_stop_positions_match(backend):
@@ -90,8 +117,12 @@ def test_stop_positions_match(backend):
     meta, _ = load_case("e")
     out = generated(backend, "e")
     starts = np.concatenate([[0], np.cumsum(out.num_gazing_each_frame)])
+    frames = len(out.num_gazing_each_frame)
+    assert frames == (case_frames(backend, "e") or len(meta["stop_positions"]) // out.batch_size)
     for sp in meta["stop_positions"]:
         b, t = sp["batch"], sp["frame"]
+        if t >= frames:
+            continue
         flags = out.if_padded_gazing[b, starts[t] : starts[t + 1]]
         first = int(np.argmax(flags)) if flags.any() else None
         assert first == sp["first_padded_position_in_frame"], sp
@@ -126,10 +157,11 @@ def test_resolution_adaptation(backend, name):
 
 @pytest.mark.parametrize("name", ["a", "d", "e", "g1"])
 def test_teacher_forced_scores(backend, name):
-    _, data = load_case(name)
+    t = case_frames(backend, name)
+    data = first_frames(load_case(name)[1], t)
     model = load_model(backend)
     out = generated(backend, name)
-    scores = model.score(case_model_input(name), out)
+    scores = model.score(case_model_input(name)[:, :t], out)
     assert max_abs(scores.gaze_probs, data["tf_gaze_probs"]) <= TOL_PROBS
     assert max_abs(scores.task_loss_prediction, data["tf_task_loss_prediction"]) <= TOL_TASK_LOSS
     if "log_action_probs" in data:  # the QUICK_START output of case a
