@@ -16,10 +16,10 @@ per-frame loop runs:
   of every step; the launches run at most the ceil(budget / K) steps a frame can take, the
   last of them choosing only (``DecodeState.frame``);
 * the host reads one small status tensor (done flag, frame length, cache length) per graph
-  launch when a task-loss stop can end a frame early (on CUDA one launch behind, from pinned
-  memory, while the next launch runs), and nothing at all when none can (the frame's end is
-  then known: the clip is queued without waiting); the tokens of a clip come to the host in
-  one copy;
+  launch when a task-loss stop can end a frame early (``OVERLAP_STATUS_READS``, off by
+  default until measured on a GPU: on CUDA one launch behind, from pinned memory, while the
+  next launch runs), and nothing at all when none can (the frame's end is then known: the
+  clip is queued without waiting); the tokens of a clip come to the host in one copy;
 * decode states (buffers + graphs) are cached per shape in a small LRU that streaming
   sessions share, so a new session or a ``reset()`` does not recapture graphs.
 
@@ -308,29 +308,28 @@ class DecodeState:
             if ring is None:
                 # The one host sync per graph launch: done flag, frame length and cache length.
                 done, n_t, cache_len = self.status.tolist()
-                if done:
-                    break
-                if full == 0:  # pragma: no cover - the budget bounds the steps
-                    raise BackendError("decode loop did not finish within the budget")
-                continue
-            # On CUDA the host reads the status one launch behind: this launch's goes to
-            # pinned memory, and the previous launch's is read while this one runs, so the
-            # GPU does not idle through each read. When the previous launch had ended the
-            # frame, this one ran no-op steps (the price: one launch of them a frame, each
-            # about a step's time: the kernels mask their stores rather than branch). H100:
-            # 45 tiles 284 -> 243 ms; a stream's frame 4.8 -> 6.1 ms, so streams do not.
-            i = launch % 2
-            ring.put(i, self.status)
-            launch += 1
-            if launch > 1:
-                done, n_t, cache_len = ring.get(1 - i)
-                if done:
-                    break
-            if full == 0:
-                done, n_t, cache_len = ring.get(i)
-                if not done:  # pragma: no cover - the budget bounds the steps
-                    raise BackendError("decode loop did not finish within the budget")
+            else:
+                # Through a ring the host reads the status one launch behind: this launch's
+                # goes to pinned memory, and the previous launch's is read while this one
+                # runs, so the GPU does not idle through each read. When the previous launch
+                # had ended the frame, this one ran no-op steps, which leave the status as it
+                # was (the price: one launch of them a frame, each about a step's time: the
+                # kernels mask their stores rather than branch). The last launch's own status
+                # is read. The first version (H100, 2026-12-05): 45 tiles 284 -> 243 ms; a
+                # stream's frame 4.8 -> 6.1 ms, so streams read in step.
+                i = launch % 2
+                ring.put(i, self.status)
+                launch += 1
+                if full == 0:
+                    done, n_t, cache_len = ring.get(i)
+                elif launch > 1:
+                    done, n_t, cache_len = ring.get(1 - i)
+                else:
+                    continue
+            if done:
                 break
+            if full == 0:  # pragma: no cover - the budget bounds the steps
+                raise BackendError("decode loop did not finish within the budget")
 
         # 3. Frame end (no further sync): its run steps take their final mask; the last step
         #    waits for the next prefill.
@@ -710,7 +709,7 @@ class TorchBackend(ReferenceBackend):
             B, T = emb.shape[:2]
             st = self.acquire_state(B, self.capacity(T, budgets))
             try:
-                ring = self._status_ring
+                ring = self._status_ring  # (None: reads in step)
                 tokens = [st.frame(emb[:, t], budgets[t], task_loss_requirement, ring) for t in range(T)]
                 st.verify()
             finally:
