@@ -253,3 +253,146 @@ fn merge(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
     }
     q[idx] = r;
 }
+
+// direct: `main`'s partials for CPU devices (lavapipe), where every memory access, workgroup
+// memory included, is made lane by lane (see matmul.wgsl's `direct`). An invocation takes one
+// lane's keys for SQ query slots at once and reads each key and value once for all of them,
+// where `main` reads them from workgroup memory once per slot. Per slot the keys, their order
+// and the arithmetic are `main`'s, and lanes 1.. hand their states to lane 0 in the same
+// order, so both entries give the same bits. 8 slots an invocation: 2-core lavapipe, case b's
+// first 3 frames, decode attention 8.7 ms a launch (main: 13.5), prefill 83 (156); 16 slots
+// were slower than `main` (their private arrays stop being registers).
+const SQ: u32 = min(QT, 8u);
+const SG: u32 = QT / SQ;  // slot groups of a workgroup
+#if LANES == 1
+#else
+var<workgroup> d_ml: array<vec2<f32>, (LANES - 1u) * QT>;
+var<workgroup> d_acc: array<vec4<f32>, (LANES - 1u) * QT * HD4>;
+#endif
+
+@compute @workgroup_size(SG * LANES)
+fn direct(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li_: u32) {
+    let grp = li_ % SG;
+    let lane = li_ / SG;
+    if (li_ == 0u) {
+        wg_flag = gen[S_DONE] * p.skip_if_done;
+        wg_base = gen[S_BASE];
+        wg_first = gen[S_FIRST];
+    }
+    if (workgroupUniformLoad(&wg_flag) != 0u) {
+        return;
+    }
+    let base = bitcast<i32>(workgroupUniformLoad(&wg_base));
+    let first = workgroupUniformLoad(&wg_first);
+    let b = wg.z / p.heads;
+    let h = wg.z % p.heads;
+    let c4 = p.heads * HD4;
+    let i0 = wg.x * QT + grp * SQ;
+    let i_last = min(p.nt, wg.x * QT + QT) - 1u;
+    let k_lo = wg.y * p.chunk;
+    let k_end = i32(min(k_lo + p.chunk, u32(max(base + i32(i_last) + 1, 0))));
+
+    var qv: array<vec4<f32>, SQ * HD4>;
+    var acc: array<vec4<f32>, SQ * HD4>;
+    var m: array<f32, SQ>;
+    var l: array<f32, SQ>;
+    for (var s = 0u; s < SQ; s++) {
+        m[s] = F32_LOWEST;
+        l[s] = 0.0;
+        let i = i0 + s;
+        let valid = i < p.nt && i >= first;
+        let qb = (b * p.nt + i) * c4 + h * HD4;
+        for (var t = 0u; t < HD4; t++) {
+            acc[s * HD4 + t] = vec4<f32>(0.0);
+            var v = vec4<f32>(0.0);
+            if (valid) {
+                v = q[qb + t];
+            }
+            qv[s * HD4 + t] = v;
+        }
+    }
+    for (var j = i32(k_lo + lane); j < k_end; j += i32(LANES)) {
+        if (kvmask[b * p.cap + u32(j)] == 0u) {
+            continue;
+        }
+        let kb = (b * p.cap + u32(j)) * 2u * c4 + h * HD4;
+        var kk: array<vec4<f32>, HD4>;
+        var vv: array<vec4<f32>, HD4>;
+        for (var t = 0u; t < HD4; t++) {
+            kk[t] = kv[kb + t];
+            vv[t] = kv[kb + c4 + t];
+        }
+        for (var s = 0u; s < SQ; s++) {
+            let i = i0 + s;
+            // Slot i sees the keys up to its own cache index base + i.
+            if (i >= p.nt || i < first || j > base + i32(i)) {
+                continue;
+            }
+            var s4 = vec4<f32>(0.0);
+            for (var t = 0u; t < HD4; t++) {
+                s4 += qv[s * HD4 + t] * kk[t];
+            }
+            let sc = (s4.x + s4.y + s4.z + s4.w) * p.scale;
+            if (sc > m[s]) {
+                let corr = exp(m[s] - sc);
+                l[s] *= corr;
+                for (var t = 0u; t < HD4; t++) {
+                    acc[s * HD4 + t] *= corr;
+                }
+                m[s] = sc;
+            }
+            let e = exp(sc - m[s]);
+            l[s] += e;
+            for (var t = 0u; t < HD4; t++) {
+                acc[s * HD4 + t] += e * vv[t];
+            }
+        }
+    }
+#if LANES == 1
+#else
+    if (lane > 0u) {
+        for (var s = 0u; s < SQ; s++) {
+            let o = (lane - 1u) * QT + grp * SQ + s;
+            d_ml[o] = vec2<f32>(m[s], l[s]);
+            for (var t = 0u; t < HD4; t++) {
+                d_acc[o * HD4 + t] = acc[s * HD4 + t];
+            }
+        }
+    }
+    workgroupBarrier();
+    if (lane != 0u) {
+        return;
+    }
+    for (var s = 0u; s < SQ; s++) {
+        for (var jl = 1u; jl < LANES; jl++) {
+            let o = (jl - 1u) * QT + grp * SQ + s;
+            let ml = d_ml[o];
+            if (ml.y > 0.0) {
+                let mx = max(m[s], ml.x);
+                let c_self = exp(m[s] - mx);
+                let c_other = exp(ml.x - mx);
+                l[s] = l[s] * c_self + ml.y * c_other;
+                for (var t = 0u; t < HD4; t++) {
+                    acc[s * HD4 + t] = acc[s * HD4 + t] * c_self + d_acc[o * HD4 + t] * c_other;
+                }
+                m[s] = mx;
+            }
+        }
+    }
+#endif
+    for (var s = 0u; s < SQ; s++) {
+        let i = i0 + s;
+        if (i < p.nt) {
+            let o = (((b * p.heads + h) * p.nt + i) * p.nchunk + wg.y) * (HD + 2u);
+            part[o] = m[s];
+            part[o + 1u] = l[s];
+            for (var t = 0u; t < HD4; t++) {
+                let a = acc[s * HD4 + t];
+                part[o + 2u + 4u * t] = a.x;
+                part[o + 3u + 4u * t] = a.y;
+                part[o + 4u + 4u * t] = a.z;
+                part[o + 5u + 4u * t] = a.w;
+            }
+        }
+    }
+}

@@ -416,3 +416,71 @@ fn gemv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         epilogue(m0 + li, n0, gv_red[(li * 3u) * GV] * rs, gv_red[(li * 3u + 1u) * GV] * rs);
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// direct: the same C = A' W^T for CPU devices (lavapipe). There a workgroup's invocations run
+// in turns on one core and every memory access, workgroup memory included, is made lane by
+// lane: the loads per FMA set the time, not the FMAs. Each invocation owns a DM x DN block and
+// reads its A rows and W columns straight from memory: DM + DN + 1 loads per DM * DN FMAs, no
+// workgroup memory, no barrier past the skip check. Every sum runs over k in order with the
+// same operands as `main`'s, so both entries give the same bits.
+const DM: u32 = {{DM}}u;
+const DN: u32 = {{DN}}u;   // even: the epilogue takes column pairs
+const DWG: u32 = {{DWG}}u;
+
+@compute @workgroup_size(DWG)
+fn direct(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+#if DEC
+    if (frame_done(li)) {
+        return;
+    }
+#endif
+    let m0 = wg.y * DM;
+    let n0 = (wg.x * DWG + li) * DN;
+    // The invocation of column block 0 stores the embed loader's x for its rows.
+    let store_x = n0 == 0u;
+    if (n0 >= p.n) {
+        return;
+    }
+    var acc: array<f32, DM * DN>;
+    var ss: array<f32, DM>;
+    for (var i = 0u; i < DM * DN; i++) {
+        acc[i] = 0.0;
+    }
+    for (var i = 0u; i < DM; i++) {
+        ss[i] = 0.0;
+    }
+    for (var k = 0u; k < p.k; k++) {
+#if NORM
+        let g = wts[p.g_off + k];
+#endif
+        var wr: array<f32, DN>;
+        for (var j = 0u; j < DN; j++) {
+            var v = 0.0;
+            if (n0 + j < p.n) {
+                v = wts[p.w_off + (n0 + j) * p.k + k];
+#if NORM
+                v *= g;
+#endif
+            }
+            wr[j] = v;
+        }
+        for (var i = 0u; i < DM; i++) {
+            let v = load_a(m0 + i, k, store_x);
+            ss[i] += v * v;
+            for (var j = 0u; j < DN; j++) {
+                acc[i * DN + j] += v * wr[j];
+            }
+        }
+    }
+    for (var i = 0u; i < DM; i++) {
+#if NORM
+        let rs = 1.0 / sqrt(ss[i] / f32(p.k) + p.eps);
+#else
+        let rs = 1.0;
+#endif
+        for (var j = 0u; j < DN; j += 2u) {
+            epilogue(m0 + i, n0 + j, acc[i * DN + j] * rs, acc[i * DN + j + 1u] * rs);
+        }
+    }
+}

@@ -64,9 +64,12 @@ S_HDR, ROW_WORDS, R_FIN, R_TOK = 16, 288, 0, 12
 
 # MatmulSpec::key / Tile::dims / Tile::depth: (TM, TN, RM, RN, TK).
 TILES = {"large": (64, 64, 4, 4, 16), "small": (16, 32, 4, 2, 64)}
-# (tile, entry): Large and Small run `main`; Tile::Gemv runs `gemv` with Small's defines.
-MATMUL_ENTRIES = [("large", "main"), ("small", "main"), ("small", "gemv")]
-ENTRY_IDS = ["large-main", "small-main", "gemv"]
+# (tile, entry): Large and Small run `main`; Tile::Gemv runs `gemv` with Small's defines;
+# CPU devices run `direct` (any tile's defines: it uses none of them).
+MATMUL_ENTRIES = [("large", "main"), ("small", "main"), ("small", "gemv"), ("small", "direct")]
+ENTRY_IDS = ["large-main", "small-main", "gemv", "direct"]
+# DIRECT_BLOCK (DM, DN) and DIRECT_WORKGROUP of rust/gpu/ops/matmul.rs.
+DIRECT = (8, 4, 16)
 
 SIZES_M = (1, 10, 13, 37)
 SIZES_N = (6, 33, 192)
@@ -350,16 +353,18 @@ def test_workgroup_memory_count():
     """The workgroup-memory count that every kernel above is checked against, on known
     cases: matmul `main` Large (sa + sw + wg_flag + rstat), `gemv` with Small's defines (its
     reduction array + wg_flag); `gemv` with Large's tile would need 48 KiB, which is why
-    Tile::Gemv compiles it with Small's shape only."""
+    Tile::Gemv compiles it with Small's shape only; `direct` has the skip flag only."""
 
     def src(tile: str) -> str:
         dims = zip(("TM", "TN", "RM", "RN", "TK"), TILES[tile], strict=True)
         other = [("A", "rms"), ("EPI", "store"), ("NORM", "1"), ("DEC", "1")]
+        other += list(zip(("DM", "DN", "DWG"), map(str, DIRECT), strict=True))
         return _native.shader_source("matmul", [(k, str(v)) for k, v in dims] + other)
 
     assert workgroup_bytes(src("large"), "main") == 4 * (16 * 64 * 2) + 16 + 4 * 64
     assert workgroup_bytes(src("small"), "gemv") == 4 * 64 * 16 * 3 + 16
     assert workgroup_bytes(src("large"), "gemv") == 4 * 64 * 64 * 3 + 16 > 16384
+    assert workgroup_bytes(src("small"), "direct") == 16  # the skip flag only
     ln = _native.shader_source("layernorm")
     assert workgroup_bytes(ln, "main") == 4 * 64  # `red`, used through reduce_sum
 
@@ -464,14 +469,20 @@ def matmul_kernel(gpu, tile, entry, *, a="plain", epi="store", last=False, bias=
         "matmul", entry, TM=tm, TN=tn, RM=rm, RN=rn, TK=tk, A=a, EPI=epi,
         NORM=b(a in ("rms", "embed")), LAST=b(last), BIAS=b(bias), RELU=b(relu),
         ADDROW=b(addrow), DEC=b(dec or a == "embed" or epi == "qkv"),
+        DM=DIRECT[0], DN=DIRECT[1], DWG=DIRECT[2],
     )  # fmt: skip
 
 
 def matmul_groups(tile, entry, m, n):
-    """Matmul::record: gemv [ceil(N/2), ceil(M/16), 1], main [ceil(N/TN), ceil(M/TM), 1]."""
+    """Matmul::record: gemv [ceil(N/2), ceil(M/16), 1], direct [ceil(N/(DWG*DN)),
+    ceil(M/DM), 1], main [ceil(N/TN), ceil(M/TM), 1]."""
     tm, tn = TILES[tile][:2]
-    return (math.ceil(n / 2), math.ceil(m / tm), 1) if entry == "gemv" else (
-        math.ceil(n / tn), math.ceil(m / tm), 1)  # fmt: skip
+    if entry == "gemv":
+        return (math.ceil(n / 2), math.ceil(m / tm), 1)
+    if entry == "direct":
+        dm, dn, dwg = DIRECT
+        return (math.ceil(n / (dwg * dn)), math.ceil(m / dm), 1)
+    return (math.ceil(n / tn), math.ceil(m / tm), 1)
 
 
 def sweep(m_sizes=SIZES_M, n_sizes=SIZES_N, k_sizes=SIZES_K):
@@ -547,15 +558,16 @@ def test_matmul_rmsnorm_rows_and_last_slot(gpu, tile, entry):
     "frames,grid,ps,n",
     [(3, 3, 5, 6), (2, 4, 7, 33), (1, 14, 16, 192)],  # the last is the model's patchify
 )
-def test_matmul_patchify_is_conv2d(gpu, frames, grid, ps, n):
-    kern = matmul_kernel(gpu, "large", "main", a="patch", bias=True)
+@pytest.mark.parametrize("entry", ["main", "direct"])
+def test_matmul_patchify_is_conv2d(gpu, entry, frames, grid, ps, n):
+    kern = matmul_kernel(gpu, "large", entry, a="patch", bias=True)
     img, k = grid * ps, 3 * ps * ps
     rng = np.random.default_rng(ps * n)
     x, w, bias = rand(rng, frames, 3, img, img), rand(rng, n, 3, ps, ps), rand(rng, n)
     m = frames * grid * grid
     wts = np.concatenate([w.ravel(), bias])
     params = kern.pack(m=m, n=n, k=k, ldc=n, b_off=n * k, grid=grid, img=img, psize=ps)
-    got = gpu.run([(kern, matmul_groups("large", "main", m, n))], params,
+    got = gpu.run([(kern, matmul_groups("large", entry, m, n))], params,
                   {1: x, 2: wts, 3: np.zeros((m, n), np.float32)}, read=(3,))[3]  # fmt: skip
     want = F.conv2d(t64(x), t64(w), t64(bias), stride=ps).permute(0, 2, 3, 1).reshape(m, n)
     assert_close(f"matmul patchify F{frames} g{grid} p{ps} N{n}", got, want, 2e-5, 1e-5)
@@ -565,10 +577,11 @@ def test_matmul_patchify_is_conv2d(gpu, frames, grid, ps, n):
     "b,tc,ring,g,cin,n,t0",
     [(2, 3, 5, 4, 7, 6, 4), (1, 1, 3, 5, 13, 33, 0), (1, 2, 4, 3, 29, 10, 9)],
 )
-def test_matmul_causal_conv3_is_conv3d(gpu, b, tc, ring, g, cin, n, t0):
+@pytest.mark.parametrize("entry", ["main", "direct"])
+def test_matmul_causal_conv3_is_conv3d(gpu, entry, b, tc, ring, g, cin, n, t0):
     """Causal 3x3x3 conv (no temporal padding, spatial padding 1) reading a ring window:
     session frame t lives in slot (t + 2) % ring; output frame t0 + j reads t0 + j - 2 ..."""
-    kern = matmul_kernel(gpu, "large", "main", a="conv3", bias=True, relu=True)
+    kern = matmul_kernel(gpu, "large", entry, a="conv3", bias=True, relu=True)
     rng = np.random.default_rng(cin * n + t0)
     hw, k, nf = g * g, 27 * cin, tc + 2
     frames = rand(rng, b, nf, hw, cin)  # session frames t0-2 .. t0+tc-1
@@ -582,7 +595,7 @@ def test_matmul_causal_conv3_is_conv3d(gpu, b, tc, ring, g, cin, n, t0):
     wts = np.concatenate([wr.ravel(), bias])
     params = kern.pack(m=m, n=n, k=k, ldc=n, b_off=n * k, grid=g, cin=cin, frames_in=ring,
                        frames_out=tc, t0=t0)  # fmt: skip
-    got = gpu.run([(kern, matmul_groups("large", "main", m, n))], params,
+    got = gpu.run([(kern, matmul_groups("large", entry, m, n))], params,
                   {1: ring_buf, 2: wts, 3: np.zeros((m, n), np.float32)}, read=(3,))[3]  # fmt: skip
     vid = t64(frames).reshape(b, nf, g, g, cin).permute(0, 4, 1, 2, 3)  # (B, C, T, H, W)
     y = F.conv3d(vid, t64(w), t64(bias), padding=(0, 1, 1)).relu()  # (B, n, tc, g, g)
@@ -624,7 +637,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(
-    "tile,entry", [("large", "main"), ("small", "gemv")], ids=["prefill", "decode"]
+    "tile,entry", [("large", "main"), ("small", "gemv"), ("small", "direct")],
+    ids=["prefill", "decode", "cpu"],
 )
 def test_matmul_embed_qkv_rope_kv_write(gpu, tile, entry):
     """The decoder's first projection (DEC=1): gather plan tokens' embeddings or vision tokens,
@@ -696,7 +710,9 @@ def test_matmul_embed_qkv_rope_kv_write(gpu, tile, entry):
     ],
 )
 def test_attention_and_merge(gpu, b, heads, hd, qt, lanes, nt, base, first, cap, chunk):
+    """`main` against torch, and `direct` (CPU devices) against `main`'s bits."""
     main = gpu.kernel("attention", "main", HEAD_DIM=hd, QT=qt, LANES=lanes)
+    direct = gpu.kernel("attention", "direct", HEAD_DIM=hd, QT=qt, LANES=lanes)
     merge = gpu.kernel("attention", "merge", HEAD_DIM=hd, QT=qt, LANES=lanes)
     c = heads * hd
     nchunk = math.ceil((base + nt) / chunk)
@@ -717,15 +733,21 @@ def test_attention_and_merge(gpu, b, heads, hd, qt, lanes, nt, base, first, cap,
         gen[S_DONE] = done
         params = main.pack(batch=b, nt=nt, cap=cap, nchunk=nchunk, chunk=chunk, heads=heads,
                            skip_if_done=1, scale=scale)  # fmt: skip
-        got = gpu.run(
-            [
-                (main, (math.ceil(nt / qt), nchunk, b * heads)),  # Attention::record
-                (merge, (gx, math.ceil(groups / gx), 1)),
-            ],
-            params,
-            {1: gen, 2: q, 3: kv, 4: kvmask, 5: part},
-            read=(2, 5),
-        )
+        runs = [
+            gpu.run(
+                [
+                    (kern, (math.ceil(nt / qt), nchunk, b * heads)),  # Attention::record
+                    (merge, (gx, math.ceil(groups / gx), 1)),
+                ],
+                params,
+                {1: gen, 2: q, 3: kv, 4: kvmask, 5: part},
+                read=(2, 5),
+            )
+            for kern in (main, direct)
+        ]
+        got = runs[0]
+        for key in (2, 5):
+            assert np.array_equal(runs[1][key], got[key]), f"direct != main (binding {key})"
         if done:
             assert np.array_equal(got[2], q), "a done frame's attention wrote its output"
             assert (got[5] == 3.0).all(), "a done frame's attention wrote partials"

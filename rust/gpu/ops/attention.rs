@@ -8,6 +8,7 @@ use bytemuck::{Pod, Zeroable};
 use crate::error::{Error, Result};
 use crate::gpu::buffer::{BindGroupBuilder, ParamArena, Recorder};
 use crate::gpu::context::GpuContext;
+use crate::gpu::ops::matmul::direct_entry;
 use crate::gpu::pipeline::{Kernel, PipelineKey};
 
 #[repr(C)]
@@ -31,6 +32,9 @@ pub struct Attention {
     merge: Arc<Kernel>,
     /// Query slots per workgroup.
     qt: u32,
+    /// The key of `kernel`.
+    #[cfg_attr(not(test), allow(dead_code))]
+    key: PipelineKey,
 }
 
 impl Attention {
@@ -55,11 +59,26 @@ impl Attention {
                 .define("QT", qt)
                 .define("LANES", lanes)
         };
+        // CPU devices run the `direct` entry: same partials, each key read once per lane.
+        let entry = if direct_entry(&ctx.info) {
+            "direct"
+        } else {
+            "main"
+        };
         Ok(Self {
-            kernel: ctx.kernel(&key("main"))?,
+            kernel: ctx.kernel(&key(entry))?,
             merge: ctx.kernel(&key("merge"))?,
             qt,
+            key: key(entry),
         })
+    }
+
+    /// Runs the `direct` entry or `main`, whatever the device (tests compare them).
+    #[cfg(test)]
+    pub fn with_direct(mut self, ctx: &GpuContext, on: bool) -> Self {
+        self.key.entry = if on { "direct" } else { "main" };
+        self.kernel = ctx.kernel(&self.key).unwrap();
+        self
     }
 
     /// `gen` state, `q` [B, nt, C], `kv` [B, cap, 2, C], `kvmask` [B, cap] u32, `part` out.
@@ -325,6 +344,33 @@ mod tests {
         assert_close("q with rope", &qg, &q_ref, 2e-5, 1e-5);
         let kvg = ctx.read_f32(&kvb, 0, b * cap * 2 * c).unwrap();
         assert_close("kv cache write", &kvg, &kv_ref, 2e-5, 1e-5);
+        // matmul's `direct` entry (CPU devices) gives `main`'s bits (GPUs, rows past gemv's).
+        let entry = |direct: bool| {
+            let op = Matmul::new(ctx, MatmulSpec::new(ALoad::Embed, Epi::Qkv, Tile::Gemv))
+                .unwrap()
+                .with_gemv_max_rows(0)
+                .with_direct(ctx, direct);
+            let kvb = ctx.storage_init("kv", &kv_init).unwrap();
+            let xb = ctx.storage("x", (b * nt * c * 4) as u64).unwrap();
+            let qb = ctx.storage("q", (b * nt * c * 4) as u64).unwrap();
+            let mut arena = ParamArena::new(ctx, 2).unwrap();
+            let ex = Extra {
+                state: Some(&genb),
+                xw: Some(&xb),
+                kv: Some(&kvb),
+                rope: Some(&ropeb),
+            };
+            let bg = op.bind(ctx, &arena, &visb, &wb, &qb, ex).unwrap();
+            let mut rec = Recorder::new(ctx, &mut arena);
+            op.record(&mut rec, &bg, &p1).unwrap();
+            rec.submit(ctx).unwrap();
+            [
+                ctx.read_f32(&xb, 0, b * nt * c).unwrap(),
+                ctx.read_f32(&qb, 0, b * nt * c).unwrap(),
+                ctx.read_f32(&kvb, 0, b * cap * 2 * c).unwrap(),
+            ]
+        };
+        assert!(entry(true) == entry(false), "embed + qkv: direct != main");
 
         let pa = AttnParams {
             batch: b as u32,
@@ -336,23 +382,35 @@ mod tests {
             skip_if_done: 1,
             scale,
         };
-        for (qt, lanes) in [(4u32, 1u32), (4, 4), (16, 1), (16, 4)] {
-            ctx.write(&qb, 0, &qg);
-            let attn = Attention::new(ctx, hd, qt, lanes).unwrap();
-            let bg2 = attn
-                .bind(ctx, &arena, &genb, &qb, &kvb, &maskb, &partb)
-                .unwrap();
-            let mut rec = Recorder::new(ctx, &mut arena);
-            attn.record(&mut rec, &bg2, &pa, hd as u32).unwrap();
-            rec.submit(ctx).unwrap();
-            let og = ctx.read_f32(&qb, 0, b * nt * c).unwrap();
-            // Idle slots (< first) merge to zeros.
-            assert_close(
-                &format!("attention + merge (QT {qt}, {nchunk} chunks)"),
-                &og,
-                &o_ref,
-                2e-5,
-                1e-5,
+        for (qt, lanes) in [(4u32, 1u32), (4, 4), (16, 1), (16, 4), (64, 1)] {
+            let mut outs = Vec::new();
+            for direct in [false, true] {
+                ctx.write(&qb, 0, &qg);
+                let attn = Attention::new(ctx, hd, qt, lanes)
+                    .unwrap()
+                    .with_direct(ctx, direct);
+                let bg2 = attn
+                    .bind(ctx, &arena, &genb, &qb, &kvb, &maskb, &partb)
+                    .unwrap();
+                let mut rec = Recorder::new(ctx, &mut arena);
+                attn.record(&mut rec, &bg2, &pa, hd as u32).unwrap();
+                rec.submit(ctx).unwrap();
+                let og = ctx.read_f32(&qb, 0, b * nt * c).unwrap();
+                // Idle slots (< first) merge to zeros.
+                assert_close(
+                    &format!("attention + merge (QT {qt}, {nchunk} chunks, direct {direct})"),
+                    &og,
+                    &o_ref,
+                    2e-5,
+                    1e-5,
+                );
+                let parts = b * heads * nt * nchunk * (hd + 2);
+                outs.push((og, ctx.read_f32(&partb, 0, parts).unwrap()));
+            }
+            // The `direct` entry (CPU devices) gives `main`'s bits, partials included.
+            assert!(
+                outs[0] == outs[1],
+                "attention QT {qt} x {lanes}: direct != main"
             );
         }
     }

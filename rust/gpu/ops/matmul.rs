@@ -73,6 +73,19 @@ pub fn gemv_max_rows(info: &DeviceInfo) -> u32 {
     }
 }
 
+/// The `direct` entry's block per invocation (DM rows x DN columns, DN even) and workgroup
+/// size. On 2-core lavapipe every memory access costs about the same, lane by lane, so the
+/// loads per FMA set the time: 8 x 4 takes 13 loads per 32 FMAs where `main`'s 4 x 2 micro
+/// tile takes about 7 (with the workgroup-memory stores) per 8. Small workgroups leave work
+/// for both cores at decode sizes (M = 10, N = 192).
+pub const DIRECT_BLOCK: (u32, u32) = (8, 4);
+pub const DIRECT_WORKGROUP: u32 = 16;
+
+/// Whether this device runs the `direct` entry instead of the tiles: CPU devices (lavapipe).
+pub fn direct_entry(info: &DeviceInfo) -> bool {
+    info.device_type == "Cpu"
+}
+
 impl Tile {
     /// (TM, TN, RM, RN) of the `main` entry (`gemv` compiles beside it with Small's shape and
     /// uses TM rows).
@@ -177,6 +190,9 @@ impl MatmulSpec {
             .define("RELU", b(self.relu))
             .define("ADDROW", b(self.addrow))
             .define("DEC", b(self.dec))
+            .define("DM", DIRECT_BLOCK.0)
+            .define("DN", DIRECT_BLOCK.1)
+            .define("DWG", DIRECT_WORKGROUP)
     }
 }
 
@@ -239,6 +255,9 @@ pub struct Matmul {
     gemv: Option<Arc<Kernel>>,
     /// Rows up to which `gemv` runs ([`gemv_max_rows`] of the device).
     gemv_max_rows: u32,
+    /// The `direct` entry, compiled on CPU devices ([`direct_entry`]), which run it for every
+    /// product; same bind group layout as `kernel`.
+    direct: Option<Arc<Kernel>>,
 }
 
 impl Matmul {
@@ -251,12 +270,35 @@ impl Matmul {
             })?),
             _ => None,
         };
+        let direct = if direct_entry(&ctx.info) {
+            Some(ctx.kernel(&PipelineKey {
+                entry: "direct",
+                ..key.clone()
+            })?)
+        } else {
+            None
+        };
         Ok(Self {
             spec,
             kernel: ctx.kernel(&key)?,
             gemv,
             gemv_max_rows: gemv_max_rows(&ctx.info),
+            direct,
         })
+    }
+
+    /// Runs the `direct` entry (compiling it) or not, whatever the device (tests compare the
+    /// entries on one device).
+    #[cfg(test)]
+    pub fn with_direct(mut self, ctx: &GpuContext, on: bool) -> Self {
+        self.direct = on.then(|| {
+            ctx.kernel(&PipelineKey {
+                entry: "direct",
+                ..self.spec.key()
+            })
+            .unwrap()
+        });
+        self
     }
 
     /// Overrides the device's `gemv` row limit (tests run the gemv entry on lavapipe too).
@@ -304,6 +346,11 @@ impl Matmul {
     ) -> Result<()> {
         if matches!(self.spec.epi, Epi::Swiglu | Epi::Qkv) && !p.n.is_multiple_of(2) {
             return Err(Error::Backend("paired epilogue needs an even N".into()));
+        }
+        if let Some(d) = &self.direct {
+            let (dm, dn) = DIRECT_BLOCK;
+            let cols = dn * DIRECT_WORKGROUP;
+            return rec.dispatch(d, bg, p, [p.n.div_ceil(cols), p.m.div_ceil(dm), 1]);
         }
         match &self.gemv {
             Some(g) if p.m <= self.gemv_max_rows => {
@@ -365,10 +412,36 @@ mod tests {
         xw_len: usize,
     ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
         let ctx = ctx();
-        // The gemv entry is tested on every device, CPU ones included.
-        let op = Matmul::new(ctx, spec)
-            .unwrap()
-            .with_gemv_max_rows(GEMV_MAX_ROWS);
+        let op = |gemv_rows, direct| {
+            Matmul::new(ctx, spec)
+                .unwrap()
+                .with_gemv_max_rows(gemv_rows)
+                .with_direct(ctx, direct)
+        };
+        let once = |op| run_op(op, a, wts, out_init, p, extra_gen, kv_len, rope, xw_len);
+        // `direct` gives `main`'s bits (out, KV cache, stored x) on every device.
+        let tiled = once(op(0, false));
+        assert!(
+            once(op(0, true)) == tiled,
+            "direct != main for {spec:?} {p:?}"
+        );
+        // The GPU choice (the gemv entry up to its rows) is what the caller checks.
+        once(op(GEMV_MAX_ROWS, false))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run_op(
+        op: Matmul,
+        a: &[f32],
+        wts: &[f32],
+        out_init: &[f32],
+        p: MatmulParams,
+        extra_gen: Option<&[u32]>,
+        kv_len: usize,
+        rope: Option<&[f32]>,
+        xw_len: usize,
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let ctx = ctx();
         let ab = ctx.storage_init("a", a).unwrap();
         let wb = ctx.storage_init("w", wts).unwrap();
         let ob = ctx.storage_init("out", out_init).unwrap();
@@ -739,49 +812,54 @@ mod bench {
     fn bench_matmul() {
         let ctx = ctx();
         for (tile, a_mode, m, n, k) in [
-            (Tile::Large, ALoad::Plain, 2048usize, 2048usize, 2048usize),
-            (Tile::Large, ALoad::Plain, 3136, 192, 5184),
+            (Tile::Large, ALoad::Plain, 256usize, 256usize, 256usize),
             (Tile::Small, ALoad::Plain, 10, 576, 192),
             (Tile::Small, ALoad::Rms, 10, 576, 192),
             (Tile::Large, ALoad::Rms, 206, 768, 192),
+            (Tile::Small, ALoad::Rms, 1, 2660, 192),
         ] {
-            let mut rng = Rng(1);
-            let a = rng.vec(m * k, 1.0);
-            let w = rng.vec(n * k + k, 1.0);
-            let ab = ctx.storage_init("a", &a).unwrap();
-            let wb = ctx.storage_init("w", &w).unwrap();
-            let ob = ctx.storage("o", (m * n * 4) as u64).unwrap();
-            let op = Matmul::new(ctx, MatmulSpec::new(a_mode, Epi::Store, tile)).unwrap();
-            let mut arena = ParamArena::new(ctx, 2).unwrap();
-            let bg = op
-                .bind(ctx, &arena, &ab, &wb, &ob, Extra::default())
-                .unwrap();
-            let p = MatmulParams {
-                m: m as u32,
-                n: n as u32,
-                k: k as u32,
-                ldc: n as u32,
-                g_off: (n * k) as u32,
-                eps: 1e-5,
-                ..Default::default()
-            };
-            let reps = 20;
-            let mut best = f64::MAX;
-            for _ in 0..3 {
-                let t0 = std::time::Instant::now();
-                let mut rec = Recorder::new(ctx, &mut arena);
-                for _ in 0..reps {
-                    op.record(&mut rec, &bg, &p).unwrap();
+            for direct in [false, true] {
+                let mut rng = Rng(1);
+                let a = rng.vec(m * k, 1.0);
+                let w = rng.vec(n * k + k, 1.0);
+                let ab = ctx.storage_init("a", &a).unwrap();
+                let wb = ctx.storage_init("w", &w).unwrap();
+                let ob = ctx.storage("o", (m * n * 4) as u64).unwrap();
+                let op = Matmul::new(ctx, MatmulSpec::new(a_mode, Epi::Store, tile))
+                    .unwrap()
+                    .with_direct(ctx, direct);
+                let mut arena = ParamArena::new(ctx, 2).unwrap();
+                let bg = op
+                    .bind(ctx, &arena, &ab, &wb, &ob, Extra::default())
+                    .unwrap();
+                let p = MatmulParams {
+                    m: m as u32,
+                    n: n as u32,
+                    k: k as u32,
+                    ldc: n as u32,
+                    g_off: (n * k) as u32,
+                    eps: 1e-5,
+                    ..Default::default()
+                };
+                let reps = 20;
+                let mut best = f64::MAX;
+                for _ in 0..3 {
+                    let t0 = std::time::Instant::now();
+                    let mut rec = Recorder::new(ctx, &mut arena);
+                    for _ in 0..reps {
+                        op.record(&mut rec, &bg, &p).unwrap();
+                    }
+                    rec.submit(ctx).unwrap();
+                    ctx.wait().unwrap();
+                    best = best.min(t0.elapsed().as_secs_f64() / reps as f64);
                 }
-                rec.submit(ctx).unwrap();
-                ctx.wait().unwrap();
-                best = best.min(t0.elapsed().as_secs_f64() / reps as f64);
+                eprintln!(
+                    "matmul {} {tile:?} {a_mode:?} {m}x{n}x{k}: {:.1} us, {:.2} GFLOP/s",
+                    if direct { "direct" } else { "tiled" },
+                    best * 1e6,
+                    2.0 * (m * n * k) as f64 / best / 1e9
+                );
             }
-            eprintln!(
-                "matmul {tile:?} {a_mode:?} {m}x{n}x{k}: {:.1} us, {:.2} TFLOP/s",
-                best * 1e6,
-                2.0 * (m * n * k) as f64 / best / 1e12
-            );
         }
     }
 }
