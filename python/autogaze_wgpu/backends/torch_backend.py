@@ -534,10 +534,9 @@ class TorchBackend(ReferenceBackend):
     STEPS_PER_SYNC = 4
     # On CUDA, generate() reads each launch's status while the next launch runs (through a
     # StatusRing, DecodeState.frame); False: before the next launch (the GPU idles through
-    # each read: 45 tiles' host gaps, 23 ms of 250 on an H100). Off until measured on a GPU:
-    # the first version (a pinned buffer per state; 45 tiles 284 -> 243 ms) broke a later
-    # graph capture, and this one (``StatusRing``) has run only its loop on the CPU
-    # (tests/test_torch_backend.py); scripts/ab_torch.py times it against this default.
+    # each read). Off: measured on an H100 (2026-12-06, scripts/ab_torch.py, with
+    # STEPS_PER_SYNC=2) it changed nothing (0.98-1.00x on every workload, same tokens), the
+    # host gaps it hid being down to 9 ms of 45 tiles' 231 (docs/benchmarks.md).
     OVERLAP_STATUS_READS = False
 
     def __init__(

@@ -685,8 +685,8 @@ class FusedDecoder:
 
     # Programmatic dependent launch (``_gdc``): each kernel launches while the previous one
     # runs and waits for it inside. True: on where the GPU (compute capability >= 9, Hopper)
-    # and Triton have it. Off until measured on a GPU (scripts/ab_torch.py): no device was
-    # lent the session that wrote it.
+    # and Triton have it. Off: on an H100 (2026-12-06, scripts/ab_torch.py) it won 3% on one
+    # video and a stream but lost 2-5% on 45-tile batches (docs/benchmarks.md).
     PDL = False
 
     def __init__(self, backend, ieee: bool = False):
