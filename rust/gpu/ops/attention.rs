@@ -32,9 +32,6 @@ pub struct Attention {
     merge: Arc<Kernel>,
     /// Query slots per workgroup.
     qt: u32,
-    /// The key of `kernel`.
-    #[cfg_attr(not(test), allow(dead_code))]
-    key: PipelineKey,
 }
 
 impl Attention {
@@ -69,15 +66,19 @@ impl Attention {
             kernel: ctx.kernel(&key(entry))?,
             merge: ctx.kernel(&key("merge"))?,
             qt,
-            key: key(entry),
         })
     }
 
     /// Runs the `direct` entry or `main`, whatever the device (tests compare them).
     #[cfg(test)]
     pub fn with_direct(mut self, ctx: &GpuContext, on: bool) -> Self {
-        self.key.entry = if on { "direct" } else { "main" };
-        self.kernel = ctx.kernel(&self.key).unwrap();
+        let entry = if on { "direct" } else { "main" };
+        self.kernel = ctx
+            .kernel(&PipelineKey {
+                entry,
+                ..self.kernel.key.clone()
+            })
+            .unwrap();
         self
     }
 

@@ -249,15 +249,13 @@ pub struct Extra<'a> {
 
 pub struct Matmul {
     pub spec: MatmulSpec,
+    /// The entry past gemv's rows: `main` (tiles), or `direct` on CPU devices.
     kernel: Arc<Kernel>,
     /// `Tile::Gemv`: the `gemv` entry of the same source. Its bind group layout has the same
     /// entries, so the bind groups made for `kernel` serve it too (WebGPU group-equivalence).
     gemv: Option<Arc<Kernel>>,
     /// Rows up to which `gemv` runs ([`gemv_max_rows`] of the device).
     gemv_max_rows: u32,
-    /// The `direct` entry, compiled on CPU devices ([`direct_entry`]), which run it for every
-    /// product; same bind group layout as `kernel`.
-    direct: Option<Arc<Kernel>>,
 }
 
 impl Matmul {
@@ -270,34 +268,31 @@ impl Matmul {
             })?),
             _ => None,
         };
-        let direct = if direct_entry(&ctx.info) {
-            Some(ctx.kernel(&PipelineKey {
-                entry: "direct",
-                ..key.clone()
-            })?)
+        // CPU devices run `direct` for every product, and never compile the tiles.
+        let entry = if direct_entry(&ctx.info) {
+            "direct"
         } else {
-            None
+            "main"
         };
         Ok(Self {
             spec,
-            kernel: ctx.kernel(&key)?,
+            kernel: ctx.kernel(&PipelineKey { entry, ..key })?,
             gemv,
             gemv_max_rows: gemv_max_rows(&ctx.info),
-            direct,
         })
     }
 
-    /// Runs the `direct` entry (compiling it) or not, whatever the device (tests compare the
-    /// entries on one device).
+    /// Runs the `direct` entry or the tiles, whatever the device (tests compare the entries
+    /// on one device).
     #[cfg(test)]
     pub fn with_direct(mut self, ctx: &GpuContext, on: bool) -> Self {
-        self.direct = on.then(|| {
-            ctx.kernel(&PipelineKey {
-                entry: "direct",
-                ..self.spec.key()
+        let entry = if on { "direct" } else { "main" };
+        self.kernel = ctx
+            .kernel(&PipelineKey {
+                entry,
+                ..self.kernel.key.clone()
             })
-            .unwrap()
-        });
+            .unwrap();
         self
     }
 
@@ -347,15 +342,20 @@ impl Matmul {
         if matches!(self.spec.epi, Epi::Swiglu | Epi::Qkv) && !p.n.is_multiple_of(2) {
             return Err(Error::Backend("paired epilogue needs an even N".into()));
         }
-        if let Some(d) = &self.direct {
-            let (dm, dn) = DIRECT_BLOCK;
-            let cols = dn * DIRECT_WORKGROUP;
-            return rec.dispatch(d, bg, p, [p.n.div_ceil(cols), p.m.div_ceil(dm), 1]);
-        }
         match &self.gemv {
             Some(g) if p.m <= self.gemv_max_rows => {
                 let (rows, _, _, _) = self.spec.tile.dims();
                 rec.dispatch(g, bg, p, [p.n.div_ceil(2), p.m.div_ceil(rows), 1])
+            }
+            _ if self.kernel.key.entry == "direct" => {
+                let (dm, dn) = DIRECT_BLOCK;
+                let cols = dn * DIRECT_WORKGROUP;
+                rec.dispatch(
+                    &self.kernel,
+                    bg,
+                    p,
+                    [p.n.div_ceil(cols), p.m.div_ceil(dm), 1],
+                )
             }
             _ => {
                 let (tm, tn, _, _) = self.spec.tile.dims();
