@@ -56,6 +56,40 @@ def phase_times(model, video, kw) -> dict[str, float]:
     return out
 
 
+def attention_traffic(out, cfg) -> dict[str, float]:
+    """What the decode steps' attention has to read, from one call's output (the floor of
+    issue 5's 45-tile figure, docs/benchmarks.md): every step that makes at least one real
+    token of a row (ceil(real gazes / K) steps a frame) reads the row's float32 keys and
+    values for every layer. ``laid_out_GB``: the keys of the sequence as the cache holds it
+    (each frame's vision tokens and all its ``num_gazing_each_frame`` slots, pads masked but
+    read); ``valid_GB``: only the keys that are not masked (what any float32 implementation
+    has to read, its cache compacted). ``prefill_scores``: the prefill's query-key products
+    over valid keys (vision tokens x the keys each sees), every head and layer."""
+    import numpy as np
+
+    dec = cfg.decoder
+    k = dec.num_multi_token_pred
+    vis = cfg.num_patches_per_side**2
+    per_key = 2 * dec.num_attention_heads * dec.head_dim * 4 * dec.num_hidden_layers  # K and V, f32
+    real = np.asarray(out.num_real_gazes())  # (B, T)
+    slots = np.asarray(out.num_gazing_each_frame)  # (T,)
+    laid_out = valid = scores = 0
+    for row in real:
+        before_laid = before_valid = 0  # keys of the earlier frames
+        for n, n_slots in zip(row.tolist(), slots.tolist()):
+            steps = -(-n // k)
+            # step s reads the frame's vision tokens and its tokens up to the step's own K
+            within = steps * vis + k * steps * (steps + 1) // 2
+            laid_out += steps * before_laid + within
+            valid += steps * before_valid + within
+            scores += vis * before_valid + vis * (vis + 1) // 2
+            before_laid += vis + n_slots
+            before_valid += vis + n
+    heads_layers = dec.num_attention_heads * dec.num_hidden_layers
+    return {"laid_out_GB": laid_out * per_key / 1e9, "valid_GB": valid * per_key / 1e9,
+            "prefill_scores": float(scores * heads_layers)}
+
+
 def host_input_times(model, host_video, kw, repeat: int = 3) -> dict[str, float]:
     """What a call with host (numpy) pixel values adds to one with the same values already
     on the GPU (ms, medians): the checks on the host (``as_pixel_values`` without a device),
@@ -153,9 +187,19 @@ def main(argv=None) -> int:
     print(f"{'kernel':90s} {'n':>7s} {'total ms':>9s} {'us/launch':>9s} {'share':>6s}")
     for name, n, us in rows[: a.top]:
         print(f"{name[:90]:90s} {n:7d} {us / 1e3:9.3f} {us / n:9.2f} {100 * us / total_us:5.1f}%")
+    traffic = attention_traffic(out.to_numpy(), model.config)
+    attn_ms = sum(us for name, _, us in rows if name == "_attention") / 1e3
+    flash_ms = sum(us for name, _, us in rows if name == "_flash_attention") / 1e3
+    print(f"the steps' attention reads >= {traffic['laid_out_GB']:.1f} GB as the cache lays it out "
+          f"({traffic['valid_GB']:.1f} GB of unmasked keys)"
+          + (f"; `_attention` {attn_ms:.1f} ms: {traffic['laid_out_GB'] / attn_ms:.2f} TB/s" if attn_ms else ""))
+    print(f"the prefill's attention: {traffic['prefill_scores'] / 1e9:.2f} G query-key scores over unmasked keys"
+          + (f"; `_flash_attention` {flash_ms:.1f} ms: {traffic['prefill_scores'] / flash_ms / 1e9:.2f} T scores/s"
+             if flash_ms else ""))
     if a.json:
         a.json.write_text(json.dumps({"workload": a.workload, "kernel_us": total_us, "launches": count,
-                                      "steps": steps, "phases_ms": phases, "host_input_ms": host, "kernels": rows}, indent=2))
+                                      "steps": steps, "phases_ms": phases, "host_input_ms": host, "kernels": rows,
+                                      "attention_traffic": traffic}, indent=2))
     return 0
 
 

@@ -55,20 +55,43 @@ var<workgroup> tm: array<u32, KT>;
 var<workgroup> lane_ml: array<vec2<f32>, NT>;
 #endif
 
-@compute @workgroup_size(NT)
-fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li_: u32) {
-    let li = li_ % QT;     // query slot within the workgroup
-    let lane = li_ / QT;   // which keys of each tile this thread takes
+// The launch's frame state, read by one thread and made uniform for the workgroup: skip (the
+// frame is finished and this launch is decode work, which then no-ops), base (query slot 0's
+// cache index) and first (the first active slot; earlier slots are idle).
+struct FrameState {
+    skip: bool,
+    base: i32,
+    first: u32,
+}
+
+fn frame_state(li_: u32) -> FrameState {
     if (li_ == 0u) {
         wg_flag = gen[S_DONE] * p.skip_if_done;
         wg_base = gen[S_BASE];
         wg_first = gen[S_FIRST];
     }
-    if (workgroupUniformLoad(&wg_flag) != 0u) {
+    let skip = workgroupUniformLoad(&wg_flag) != 0u;
+    return FrameState(skip, bitcast<i32>(workgroupUniformLoad(&wg_base)), workgroupUniformLoad(&wg_first));
+}
+
+// The end (exclusive) of the keys workgroup wg needs: its chunk (wg.y), up to the cache index
+// of its last query slot (wg.x's block of QT).
+fn key_end(wg: vec3<u32>, base: i32) -> i32 {
+    let i_last = min(p.nt, wg.x * QT + QT) - 1u;
+    let k_lo = wg.y * p.chunk;
+    return i32(min(k_lo + p.chunk, u32(max(base + i32(i_last) + 1, 0))));
+}
+
+@compute @workgroup_size(NT)
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li_: u32) {
+    let li = li_ % QT;     // query slot within the workgroup
+    let lane = li_ / QT;   // which keys of each tile this thread takes
+    let fs = frame_state(li_);
+    if (fs.skip) {
         return;
     }
-    let base = bitcast<i32>(workgroupUniformLoad(&wg_base));
-    let first = workgroupUniformLoad(&wg_first);
+    let base = fs.base;
+    let first = fs.first;
     let b = wg.z / p.heads;
     let h = wg.z % p.heads;
     let c4 = p.heads * HD4;
@@ -76,10 +99,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let valid = i < p.nt && i >= first;
     let ci = base + i32(i);
 
-    // Keys this workgroup needs: its chunk, up to the last query's cache index.
-    let i_last = min(p.nt, wg.x * QT + QT) - 1u;
-    let k_lo = wg.y * p.chunk;
-    let k_end = i32(min(k_lo + p.chunk, u32(max(base + i32(i_last) + 1, 0))));
+    let k_lo = i32(wg.y * p.chunk);
+    let k_end = key_end(wg, base);
 
     var qv: array<vec4<f32>, HD4>;
     var acc: array<vec4<f32>, HD4>;
@@ -95,7 +116,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     }
     var m = F32_LOWEST;
     var l = 0.0;
-    for (var j0 = i32(k_lo); j0 < k_end; j0 += i32(KT)) {
+    for (var j0 = k_lo; j0 < k_end; j0 += i32(KT)) {
         // Cooperative tile load: KT keys x HD4 vec4 for K and V, plus the key mask.
         for (var r = 0u; r < KV_LOADS; r++) {
             let e = li_ + r * NT;
@@ -274,23 +295,18 @@ var<workgroup> d_acc: array<vec4<f32>, (LANES - 1u) * QT * HD4>;
 fn direct(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li_: u32) {
     let grp = li_ % SG;
     let lane = li_ / SG;
-    if (li_ == 0u) {
-        wg_flag = gen[S_DONE] * p.skip_if_done;
-        wg_base = gen[S_BASE];
-        wg_first = gen[S_FIRST];
-    }
-    if (workgroupUniformLoad(&wg_flag) != 0u) {
+    let fs = frame_state(li_);
+    if (fs.skip) {
         return;
     }
-    let base = bitcast<i32>(workgroupUniformLoad(&wg_base));
-    let first = workgroupUniformLoad(&wg_first);
+    let base = fs.base;
+    let first = fs.first;
     let b = wg.z / p.heads;
     let h = wg.z % p.heads;
     let c4 = p.heads * HD4;
     let i0 = wg.x * QT + grp * SQ;
-    let i_last = min(p.nt, wg.x * QT + QT) - 1u;
-    let k_lo = wg.y * p.chunk;
-    let k_end = i32(min(k_lo + p.chunk, u32(max(base + i32(i_last) + 1, 0))));
+    let k_lo = i32(wg.y * p.chunk);
+    let k_end = key_end(wg, base);
 
     var qv: array<vec4<f32>, SQ * HD4>;
     var acc: array<vec4<f32>, SQ * HD4>;
@@ -311,7 +327,7 @@ fn direct(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
             qv[s * HD4 + t] = v;
         }
     }
-    for (var j = i32(k_lo + lane); j < k_end; j += i32(LANES)) {
+    for (var j = k_lo + i32(lane); j < k_end; j += i32(LANES)) {
         if (kvmask[b * p.cap + u32(j)] == 0u) {
             continue;
         }

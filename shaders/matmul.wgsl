@@ -175,6 +175,11 @@ fn load_a(m: u32, k: u32, store_x: bool) -> f32 {
     return v;
 }
 
+// RMSNorm's r = 1/sqrt(mean(x^2) + eps) of an A row from its sum of squares ss (NORM).
+fn rms_scale(ss: f32) -> f32 {
+    return 1.0 / sqrt(ss / f32(p.k) + p.eps);
+}
+
 fn epilogue(m: u32, n: u32, v0: f32, v1: f32) {
     if (m >= p.m || n >= p.n) {
         return;
@@ -330,7 +335,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     }
 #if NORM
     if (li < TM) {
-        rstat[li] = 1.0 / sqrt(ss / f32(p.k) + p.eps);
+        rstat[li] = rms_scale(ss);
     }
     workgroupBarrier();
 #endif
@@ -409,7 +414,7 @@ fn gemv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     }
     if (li < TM) {
 #if NORM
-        let rs = 1.0 / sqrt(gv_red[(li * 3u + 2u) * GV] / f32(p.k) + p.eps);
+        let rs = rms_scale(gv_red[(li * 3u + 2u) * GV]);
 #else
         let rs = 1.0;
 #endif
@@ -475,7 +480,7 @@ fn direct(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
     }
     for (var i = 0u; i < DM; i++) {
 #if NORM
-        let rs = 1.0 / sqrt(ss[i] / f32(p.k) + p.eps);
+        let rs = rms_scale(ss[i]);
 #else
         let rs = 1.0;
 #endif

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import MODEL_DIR
 
@@ -103,3 +104,26 @@ def test_ab_script_refuses_unknown_settings(bad):
         name, settings = ab.parse_variant(bad)
         with ab.applied(settings):
             pass
+
+
+def test_profile_attention_traffic_counts_the_keys_each_step_reads():
+    """scripts/profile_torch.py's floor of the steps' attention, on a case small enough to
+    count by hand: 1 vision token a frame, K = 2, 8 bytes a key (K and V of one f32 dim)."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "profile_torch.py"
+    spec = importlib.util.spec_from_file_location("profile_torch", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    dec = SimpleNamespace(num_multi_token_pred=2, num_attention_heads=1, head_dim=1, num_hidden_layers=1)
+    cfg = SimpleNamespace(decoder=dec, num_patches_per_side=1)
+    # one row, two frames of 4 slots: 3 real gazes (2 steps), then 1 (1 step)
+    out = SimpleNamespace(num_real_gazes=lambda: np.array([[3, 1]]), num_gazing_each_frame=np.array([4, 4]))
+    t = mod.attention_traffic(out, cfg)
+    # frame 0: steps read 1 + 2 and 1 + 4 keys; frame 1 (after 1 + 4 keys laid out, 1 + 3
+    # of them unmasked): 5 + 1 + 2 laid out, 4 + 1 + 2 unmasked
+    assert round(t["laid_out_GB"] * 1e9) == (3 + 5 + 8) * 8
+    assert round(t["valid_GB"] * 1e9) == (3 + 5 + 7) * 8
+    # the vision query of frame 0 sees itself; frame 1's sees the 4 unmasked keys and itself
+    assert t["prefill_scores"] == 1 + 5

@@ -282,8 +282,7 @@ mod tests {
             }
         }
 
-        // GPU: embed+qkv, then attention + merge (for two query-tile sizes).
-        let qkv_op = Matmul::new(ctx, MatmulSpec::new(ALoad::Embed, Epi::Qkv, Tile::Gemv)).unwrap();
+        // GPU: embed+qkv, then attention + merge (for several query-tile shapes).
         let wb = ctx.storage_init("wts", &wts).unwrap();
         let visb = ctx.storage_init("vis", &vis).unwrap();
         let genb = ctx.storage_init("state", &state).unwrap();
@@ -301,21 +300,6 @@ mod tests {
                 }
             })
             .collect();
-        let kvb = ctx.storage_init("kv", &kv_init).unwrap();
-        let maskb = ctx.storage_init("kvmask", &kvmask).unwrap();
-        let xb = ctx.storage("x", (b * nt * c * 4) as u64).unwrap();
-        let qb = ctx.storage("q", (b * nt * c * 4) as u64).unwrap();
-        let partb = ctx
-            .storage("part", (b * heads * nt * nchunk * (hd + 2) * 4) as u64)
-            .unwrap();
-        let mut arena = ParamArena::new(ctx, 8).unwrap();
-        let ex = Extra {
-            state: Some(&genb),
-            xw: Some(&xb),
-            kv: Some(&kvb),
-            rope: Some(&ropeb),
-        };
-        let bg1 = qkv_op.bind(ctx, &arena, &visb, &wb, &qb, ex).unwrap();
         let p1 = MatmulParams {
             m: (b * nt) as u32,
             k: c as u32,
@@ -336,21 +320,8 @@ mod tests {
             vis_frame: vis_frame as u32,
             ..Default::default()
         };
-        let mut rec = Recorder::new(ctx, &mut arena);
-        qkv_op.record(&mut rec, &bg1, &p1).unwrap();
-        rec.submit(ctx).unwrap();
-        let xg = ctx.read_f32(&xb, 0, b * nt * c).unwrap();
-        assert_close("embedding gather (x)", &xg, &x, 0.0, 0.0);
-        let qg = ctx.read_f32(&qb, 0, b * nt * c).unwrap();
-        assert_close("q with rope", &qg, &q_ref, 2e-5, 1e-5);
-        let kvg = ctx.read_f32(&kvb, 0, b * cap * 2 * c).unwrap();
-        assert_close("kv cache write", &kvg, &kv_ref, 2e-5, 1e-5);
-        // matmul's `direct` entry (CPU devices) gives `main`'s bits (GPUs, rows past gemv's).
-        let entry = |direct: bool| {
-            let op = Matmul::new(ctx, MatmulSpec::new(ALoad::Embed, Epi::Qkv, Tile::Gemv))
-                .unwrap()
-                .with_gemv_max_rows(0)
-                .with_direct(ctx, direct);
+        // One embed + qkv launch on fresh x, q and cache buffers: [x, q, KV cache] after.
+        let run_qkv = |op: Matmul| {
             let kvb = ctx.storage_init("kv", &kv_init).unwrap();
             let xb = ctx.storage("x", (b * nt * c * 4) as u64).unwrap();
             let qb = ctx.storage("q", (b * nt * c * 4) as u64).unwrap();
@@ -371,8 +342,30 @@ mod tests {
                 ctx.read_f32(&kvb, 0, b * cap * 2 * c).unwrap(),
             ]
         };
+        let qkv_spec = MatmulSpec::new(ALoad::Embed, Epi::Qkv, Tile::Gemv);
+        // The device's own entry (gemv on GPUs, direct on CPU devices).
+        let [xg, qg, kvg] = run_qkv(Matmul::new(ctx, qkv_spec).unwrap());
+        assert_close("embedding gather (x)", &xg, &x, 0.0, 0.0);
+        assert_close("q with rope", &qg, &q_ref, 2e-5, 1e-5);
+        assert_close("kv cache write", &kvg, &kv_ref, 2e-5, 1e-5);
+        // matmul's `direct` entry (CPU devices) gives `main`'s bits (GPUs, rows past gemv's).
+        let entry = |direct: bool| {
+            run_qkv(
+                Matmul::new(ctx, qkv_spec)
+                    .unwrap()
+                    .with_gemv_max_rows(0)
+                    .with_direct(ctx, direct),
+            )
+        };
         assert!(entry(true) == entry(false), "embed + qkv: direct != main");
 
+        let kvb = ctx.storage_init("kv", &kvg).unwrap();
+        let maskb = ctx.storage_init("kvmask", &kvmask).unwrap();
+        let qb = ctx.storage("q", (b * nt * c * 4) as u64).unwrap();
+        let partb = ctx
+            .storage("part", (b * heads * nt * nchunk * (hd + 2) * 4) as u64)
+            .unwrap();
+        let mut arena = ParamArena::new(ctx, 8).unwrap();
         let pa = AttnParams {
             batch: b as u32,
             nt: nt as u32,

@@ -398,19 +398,18 @@ mod tests {
     use super::*;
     use crate::gpu::ops::testutil::{Rng, assert_close, ctx};
 
-    /// Runs one matmul variant; `wts` is the packed weight buffer, returns `out` after.
-    #[allow(clippy::too_many_arguments)]
+    /// Runs one matmul variant (none of these tests' loaders or epilogues reads the
+    /// generation state, the KV cache, RoPE or the embed loader's stored x: the decoder's
+    /// kernels are tested through `tests/test_shaders_wgpu_py.py` and the decoder tests);
+    /// `wts` is the packed weight buffer, returns `out` after. Checks on the way that
+    /// `direct` gives `main`'s bits, and returns the GPU choice (the gemv entry up to its rows).
     fn run(
         spec: MatmulSpec,
         a: &[f32],
         wts: &[f32],
         out_init: &[f32],
         p: MatmulParams,
-        extra_gen: Option<&[u32]>,
-        kv_len: usize,
-        rope: Option<&[f32]>,
-        xw_len: usize,
-    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    ) -> Vec<f32> {
         let ctx = ctx();
         let op = |gemv_rows, direct| {
             Matmul::new(ctx, spec)
@@ -418,61 +417,28 @@ mod tests {
                 .with_gemv_max_rows(gemv_rows)
                 .with_direct(ctx, direct)
         };
-        let once = |op| run_op(op, a, wts, out_init, p, extra_gen, kv_len, rope, xw_len);
-        // `direct` gives `main`'s bits (out, KV cache, stored x) on every device.
+        let once = |op| run_op(op, a, wts, out_init, p);
         let tiled = once(op(0, false));
         assert!(
             once(op(0, true)) == tiled,
             "direct != main for {spec:?} {p:?}"
         );
-        // The GPU choice (the gemv entry up to its rows) is what the caller checks.
         once(op(GEMV_MAX_ROWS, false))
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn run_op(
-        op: Matmul,
-        a: &[f32],
-        wts: &[f32],
-        out_init: &[f32],
-        p: MatmulParams,
-        extra_gen: Option<&[u32]>,
-        kv_len: usize,
-        rope: Option<&[f32]>,
-        xw_len: usize,
-    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    fn run_op(op: Matmul, a: &[f32], wts: &[f32], out_init: &[f32], p: MatmulParams) -> Vec<f32> {
         let ctx = ctx();
         let ab = ctx.storage_init("a", a).unwrap();
         let wb = ctx.storage_init("w", wts).unwrap();
         let ob = ctx.storage_init("out", out_init).unwrap();
-        let gb = extra_gen.map(|g| ctx.storage_init("state", g).unwrap());
-        let kvb = ctx.storage("kv", (kv_len.max(1) * 4) as u64).unwrap();
-        let rb = rope.map(|r| ctx.storage_init("rope", r).unwrap());
-        let xb = ctx.storage("xw", (xw_len.max(1) * 4) as u64).unwrap();
         let mut arena = ParamArena::new(ctx, 4).unwrap();
         let bg = op
-            .bind(
-                ctx,
-                &arena,
-                &ab,
-                &wb,
-                &ob,
-                Extra {
-                    state: gb.as_ref(),
-                    xw: Some(&xb),
-                    kv: Some(&kvb),
-                    rope: rb.as_ref(),
-                },
-            )
+            .bind(ctx, &arena, &ab, &wb, &ob, Extra::default())
             .unwrap();
         let mut rec = Recorder::new(ctx, &mut arena);
         op.record(&mut rec, &bg, &p).unwrap();
         rec.submit(ctx).unwrap();
-        (
-            ctx.read_f32(&ob, 0, out_init.len()).unwrap(),
-            ctx.read_f32(&kvb, 0, kv_len).unwrap(),
-            ctx.read_f32(&xb, 0, xw_len).unwrap(),
-        )
+        ctx.read_f32(&ob, 0, out_init.len()).unwrap()
     }
 
     fn base(m: usize, n: usize, k: usize) -> MatmulParams {
@@ -506,7 +472,7 @@ mod tests {
             let spec = MatmulSpec::new(ALoad::Plain, Epi::Store, tile)
                 .bias()
                 .relu();
-            let (got, _, _) = run(spec, &a, &wts, &vec![0.0; m * n], p, None, 0, None, 0);
+            let got = run(spec, &a, &wts, &vec![0.0; m * n], p);
             let mut want = matmul_cpu(&a, &w, m, n, k);
             for i in 0..m {
                 for j in 0..n {
@@ -524,7 +490,7 @@ mod tests {
             let spec = MatmulSpec::new(ALoad::Plain, Epi::Store, tile)
                 .bias()
                 .addrow();
-            let (got, _, _) = run(spec, &a, &wts, &vec![0.0; m * n], p, None, 0, None, 0);
+            let got = run(spec, &a, &wts, &vec![0.0; m * n], p);
             let mut want = matmul_cpu(&a, &w, m, n, k);
             for i in 0..m {
                 for j in 0..n {
@@ -556,7 +522,7 @@ mod tests {
         let mm = matmul_cpu(&a, &w, m, n, k);
         for tile in [Tile::Small, Tile::Gemv] {
             let spec = MatmulSpec::new(ALoad::Plain, Epi::Residual, tile);
-            let (got, _, _) = run(spec, &a, &w, &x0, base(m, n, k), None, 0, None, 0);
+            let got = run(spec, &a, &w, &x0, base(m, n, k));
             let want: Vec<f32> = x0.iter().zip(&mm).map(|(x, y)| x + y).collect();
             assert_close(
                 &format!("matmul residual {tile:?}"),
@@ -572,7 +538,7 @@ mod tests {
             let spec = MatmulSpec::new(ALoad::Plain, Epi::Swiglu, tile);
             let mut p = base(m, n, k);
             p.ldc = (n / 2) as u32;
-            let (got, _, _) = run(spec, &a, &w, &vec![0.0; m * n / 2], p, None, 0, None, 0);
+            let got = run(spec, &a, &w, &vec![0.0; m * n / 2], p);
             let mut want = vec![0.0f32; m * n / 2];
             for i in 0..m {
                 for j in 0..n / 2 {
@@ -605,7 +571,7 @@ mod tests {
             let mut p = p;
             p.m = rows as u32;
             let spec = MatmulSpec::new(ALoad::Rms, Epi::Store, tile);
-            let (got, _, _) = run(spec, &a, &wts, &vec![0.0; m * n], p, None, 0, None, 0);
+            let got = run(spec, &a, &wts, &vec![0.0; m * n], p);
             let want = matmul_cpu(&rmsnorm_cpu(&a, &g, k, 1e-5), &w, m, n, k);
             let rows_want = &want[..rows * n];
             assert_close(
@@ -632,7 +598,7 @@ mod tests {
         let want = matmul_cpu(&rmsnorm_cpu(&last, &g, k, 1e-5), &w, b, n, k);
         for tile in [Tile::Small, Tile::Gemv] {
             let spec = MatmulSpec::new(ALoad::Rms, Epi::Store, tile).last();
-            let (got, _, _) = run(spec, &a, &wts, &vec![0.0; b * n], p2, None, 0, None, 0);
+            let got = run(spec, &a, &wts, &vec![0.0; b * n], p2);
             assert_close(
                 &format!("matmul rmsnorm last slot {tile:?}"),
                 &got,
@@ -662,7 +628,7 @@ mod tests {
         for tile in [Tile::Small, Tile::Gemv] {
             let spec = MatmulSpec::new(ALoad::Rms, Epi::Store, tile).strided();
             let out0 = vec![0.0; b * per * n];
-            let (got, _, _) = run(spec, &a, &wts, &out0, p3, None, 0, None, 0);
+            let got = run(spec, &a, &wts, &out0, p3);
             assert_close(
                 &format!("matmul rmsnorm strided rows {tile:?}"),
                 &got,
@@ -691,7 +657,7 @@ mod tests {
         p.img = img as u32;
         p.psize = ps as u32;
         let spec = MatmulSpec::new(ALoad::Patch, Epi::Store, Tile::Large).bias();
-        let (got, _, _) = run(spec, &x, &wts, &vec![0.0; m * n], p, None, 0, None, 0);
+        let got = run(spec, &x, &wts, &vec![0.0; m * n], p);
         let mut cols = vec![0.0f32; m * k];
         for f in 0..frames {
             for py in 0..grid {
@@ -765,7 +731,7 @@ mod tests {
         let spec = MatmulSpec::new(ALoad::Conv3, Epi::Store, Tile::Large)
             .bias()
             .relu();
-        let (got, _, _) = run(spec, &ring, &wts, &vec![0.0; m * n], p, None, 0, None, 0);
+        let got = run(spec, &ring, &wts, &vec![0.0; m * n], p);
         let mut want = vec![0.0f32; m * n];
         for bb in 0..b {
             for j in 0..tc {
