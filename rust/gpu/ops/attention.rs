@@ -353,7 +353,7 @@ mod tests {
             run_qkv(
                 Matmul::new(ctx, qkv_spec)
                     .unwrap()
-                    .with_gemv_max_rows(0)
+                    .with_gemv_max_rows(ctx, 0)
                     .with_direct(ctx, direct),
             )
         };

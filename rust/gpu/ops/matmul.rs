@@ -261,8 +261,10 @@ pub struct Matmul {
 impl Matmul {
     pub fn new(ctx: &GpuContext, spec: MatmulSpec) -> Result<Self> {
         let key = spec.key();
+        let gemv_max_rows = gemv_max_rows(&ctx.info);
+        // The gemv entry only where it runs (not on CPU devices, whose limit is 0).
         let gemv = match spec.tile {
-            Tile::Gemv => Some(ctx.kernel(&PipelineKey {
+            Tile::Gemv if gemv_max_rows > 0 => Some(ctx.kernel(&PipelineKey {
                 entry: "gemv",
                 ..key.clone()
             })?),
@@ -278,7 +280,7 @@ impl Matmul {
             spec,
             kernel: ctx.kernel(&PipelineKey { entry, ..key })?,
             gemv,
-            gemv_max_rows: gemv_max_rows(&ctx.info),
+            gemv_max_rows,
         })
     }
 
@@ -296,9 +298,17 @@ impl Matmul {
         self
     }
 
-    /// Overrides the device's `gemv` row limit (tests run the gemv entry on lavapipe too).
+    /// Overrides the device's `gemv` row limit (tests run the gemv entry on lavapipe too,
+    /// compiled here where the device itself never runs it).
     #[cfg(test)]
-    pub fn with_gemv_max_rows(mut self, rows: u32) -> Self {
+    pub fn with_gemv_max_rows(mut self, ctx: &GpuContext, rows: u32) -> Self {
+        if self.spec.tile == Tile::Gemv && rows > 0 && self.gemv.is_none() {
+            let key = PipelineKey {
+                entry: "gemv",
+                ..self.kernel.key.clone()
+            };
+            self.gemv = Some(ctx.kernel(&key).unwrap());
+        }
         self.gemv_max_rows = rows;
         self
     }
@@ -414,7 +424,7 @@ mod tests {
         let op = |gemv_rows, direct| {
             Matmul::new(ctx, spec)
                 .unwrap()
-                .with_gemv_max_rows(gemv_rows)
+                .with_gemv_max_rows(ctx, gemv_rows)
                 .with_direct(ctx, direct)
         };
         let once = |op| run_op(op, a, wts, out_init, p);
