@@ -48,8 +48,8 @@ def test_decode_kernels_choice_and_errors():
         assert _model("auto").backend.fused is None
     else:
         assert _model("auto").backend.fused is not None
-        fast = ag.AutoGaze.from_pretrained(MODEL_DIR, backend="torch", device=DEVICE, precision="tf32")
-        assert fast.backend.fused is None  # the fast modes keep the eager step
+        bf16 = ag.AutoGaze.from_pretrained(MODEL_DIR, backend="torch", device=DEVICE, precision="bf16")
+        assert bf16.backend.fused is None  # bf16 keeps the eager step (its bf16 GEMMs)
     with pytest.raises(ag.InputError, match="decode_kernels must be one of"):
         _model("cuda")
     with pytest.raises(ag.InputError, match="takes no option 'decode_kernels'"):
@@ -58,15 +58,27 @@ def test_decode_kernels_choice_and_errors():
 
 def test_triton_ieee_makes_every_product_an_fma(fused):
     """decode_kernels="triton-ieee": the same kernels with every tl.dot in IEEE float32;
-    the default mixes in 3xTF32 where it was faster, and its settings name only those two."""
+    the default mixes in 3xTF32 where it was faster, and its settings name only those two.
+    The fast mode precision="tf32" (on CUDA by default; here under the interpreter) takes
+    the kernels with every product one TF32 pass; "triton-ieee" still means FMAs there."""
     from autogaze_wgpu.backends.triton_decode import FusedDecoder
 
     names = [n for n in dir(FusedDecoder) if n.endswith("_PRECISION")]
     assert set(names) == {n for n in FusedDecoder.IEEE_SETTINGS if n.endswith("_PRECISION")}
+    assert set(names) == set(FusedDecoder.TF32_SETTINGS)
     assert {getattr(fused.backend.fused, n) for n in names} <= {"ieee", "tf32x3"}
-    assert not fused.backend.fused.ieee
+    assert fused.backend.fused.products == "auto"
     strict = _model("triton-ieee").backend.fused
-    assert strict.ieee and {getattr(strict, n) for n in names} == {"ieee"}
+    assert strict.products == "ieee" and {getattr(strict, n) for n in names} == {"ieee"}
+    fast = lambda kernels: ag.AutoGaze.from_pretrained(  # noqa: E731
+        MODEL_DIR, backend="torch", device=DEVICE, precision="tf32", decode_kernels=kernels).backend.fused
+    tf32 = fast("triton")
+    assert tf32.products == "tf32" and {getattr(tf32, n) for n in names} == {"tf32"}
+    assert fast("triton-ieee").products == "ieee"
+    if DEVICE != "cpu":
+        assert fast("auto").products == "tf32"
+    with pytest.raises(ValueError, match="products must be one of"):
+        FusedDecoder(fused.backend, products="bf16")
 
 
 def test_products_are_float32_accurate(fused):
@@ -79,6 +91,7 @@ def test_products_are_float32_accurate(fused):
     assert err["tf32x3"] <= 8 * err["torch float32"]
     if DEVICE != "cpu":
         assert err["torch tf32"] > 50 * err["tf32x3"]
+        assert err["tf32"] > 50 * err["tf32x3"]  # the fast mode's kernels: TF32, not float32
 
 
 def test_triton_on_cpu_without_the_interpreter_is_refused(monkeypatch):

@@ -24,8 +24,9 @@ per-frame loop runs:
   sessions share, so a new session or a ``reset()`` does not recapture graphs.
 
 Parity mode (the default, ``precision="float32"``) is float32 with TF32 off; it gives the
-reference's tokens. The fast modes change only the GEMMs' arithmetic: "tf32" lets cuBLAS and
-cuDNN use TF32 (a no-op on CPU: CPU matmuls stay float32), "bf16" runs the vision convs and
+reference's tokens. The fast modes change only the products' arithmetic: "tf32" lets cuBLAS and
+cuDNN use TF32 and on CUDA runs the Triton kernels with single-pass TF32 products (a no-op on
+CPU: CPU matmuls stay float32), "bf16" runs the vision convs and
 the decoder's GEMMs in bfloat16 under autocast (decoder weights cast once); norms, softmax,
 RoPE, the KV cache and the whole selection (argmax, masks, stop rules) stay float32.
 """
@@ -613,8 +614,9 @@ class TorchBackend(ReferenceBackend):
         products as FMA or 3xTF32, whichever is faster), "triton-ieee" (the same kernels,
         every product an FMA), "torch" (the eager step above, captured in graphs on CUDA)
         or "auto" (the default; also ``AUTOGAZE_TORCH_DECODE``): "triton" on CUDA in float32
-        when Triton is installed and fits the model, else torch. The fast modes keep the
-        torch step: their point is tensor-core GEMMs, and Triton's step is float32."""
+        and in the "tf32" fast mode (whose kernels then multiply in single TF32 passes) when
+        Triton is installed and fits the model, else torch. "bf16" keeps the torch step: its
+        point is bfloat16 GEMMs, and the kernels are float32."""
         if choice is None:
             choice = os.environ.get("AUTOGAZE_TORCH_DECODE", "auto")
         if choice not in self.DECODE_KERNELS:
@@ -622,7 +624,7 @@ class TorchBackend(ReferenceBackend):
                 f"decode_kernels must be one of {', '.join(map(repr, self.DECODE_KERNELS))}, got {choice!r}"
             )
         if choice == "torch" or (
-            choice == "auto" and (self.device.type != "cuda" or self.precision != "float32")
+            choice == "auto" and (self.device.type != "cuda" or self.precision == "bf16")
         ):
             return None
         if self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -640,7 +642,8 @@ class TorchBackend(ReferenceBackend):
             if choice == "auto":
                 return None
             raise BackendError(f"decode_kernels={choice!r} does not support this decoder's shapes")
-        return triton_decode.FusedDecoder(self, ieee=choice == "triton-ieee")
+        products = "ieee" if choice == "triton-ieee" else "tf32" if self.precision == "tf32" else "auto"
+        return triton_decode.FusedDecoder(self, products=products)
 
     @contextlib.contextmanager
     def mode(self):

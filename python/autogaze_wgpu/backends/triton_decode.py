@@ -40,7 +40,9 @@ cuBLAS float32 (the reference's), 3.7e-3 in TF32 (``FusedDecoder.product_errors`
 summation order differs from cuBLAS's, as the eager few-row path's products + sums already
 did: logits agree to float32 noise, and tokens agree wherever the reference's own top-2
 logits are further apart than that (docs/benchmarks.md). ``decode_kernels="triton-ieee"``
-runs every product as FMAs.
+runs every product as FMAs. The fast mode ``precision="tf32"`` runs the same kernels with every
+layer's product one TF32 tensor-core pass ("tf32", ``FusedDecoder.TF32_SETTINGS``): its tokens
+may differ from the reference's, as that mode's do anyway.
 
 On CPU the kernels run under Triton's interpreter (``TRITON_INTERPRET=1``) with larger tiles
 (``INTERPRETER_TILES``); the tests use it to check this path against the eager step in CI,
@@ -220,8 +222,8 @@ def _matmul_t(
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """(BLOCK_R, BLOCK_N) = a @ W[out_rows]^T, a = ``_a_chunk``'s rows; chunks of BLOCK_K
-    through ``tl.dot`` at ``PRECISION`` ("ieee" or "tf32x3", never "tf32": see the module's
-    docstring)."""
+    through ``tl.dot`` at ``PRECISION`` ("ieee" or "tf32x3"; "tf32" only in the fast mode
+    ``precision="tf32"``: see the module's docstring)."""
     acc = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
     for k0 in tl.static_range(0, KD, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
@@ -670,6 +672,13 @@ class FusedDecoder:
         "ATTN_BLOCK_N": 128, "ATTN_NUM_WARPS": 2, "FEW_ROWS_BLOCK_N": 16, "PREFILL_TORCH_GEMM_ROWS": 2048,
         "BATCH_PREFILL_FLASH_BLOCK_N": None,  # (not timed with FMAs: the split-K prefill was)
     }
+    # The fast mode precision="tf32": every layer's product one TF32 pass (10 mantissa bits
+    # an operand, ~1e-3 relative), the tiles the float32 defaults' (not tuned for TF32).
+    TF32_SETTINGS = {
+        "ATTN_PRECISION": "tf32", "GEMM_PRECISION": "tf32", "PREFILL_ATTN_PRECISION": "tf32",
+        "PREFILL_GEMM_PRECISION": "tf32", "BATCH_PREFILL_ATTN_PRECISION": "tf32",
+    }
+    PRODUCTS = ("auto", "ieee", "tf32")
     # Under the interpreter (CPU tests) every Triton op costs ~0.1 ms of Python whatever its
     # size, so the tiles are as large as the shapes allow: the same kernels with far fewer
     # programs and ops. Only the summation order within a product (BLOCK_K chunks) and the
@@ -689,8 +698,14 @@ class FusedDecoder:
     # video and a stream but lost 2-5% on 45-tile batches (docs/benchmarks.md).
     PDL = False
 
-    def __init__(self, backend, ieee: bool = False):
+    def __init__(self, backend, products: str = "auto"):
+        """``products``: "auto" (float32: FMA or 3xTF32 per kernel, whichever was faster),
+        "ieee" (float32 FMAs only, ``IEEE_SETTINGS``) or "tf32" (the fast mode's single TF32
+        passes, ``TF32_SETTINGS``)."""
         import torch
+
+        if products not in self.PRODUCTS:
+            raise ValueError(f"products must be one of {self.PRODUCTS}, got {products!r}")
 
         dec = backend.model.gaze_decoder
         cfg = dec.cfg
@@ -714,10 +729,9 @@ class FusedDecoder:
             ))
         self.final_norm = c(dec.model.norm.weight)
         self.w_heads = c(torch.cat([dec.lm_head.weight, dec.task_loss_prediction_head.weight]))
-        self.ieee = ieee
-        if ieee:
-            for name, value in self.IEEE_SETTINGS.items():
-                setattr(self, name, value)
+        self.products = products
+        for name, value in {"auto": {}, "ieee": self.IEEE_SETTINGS, "tf32": self.TF32_SETTINGS}[products].items():
+            setattr(self, name, value)
         if _interpreted(backend.device):
             for name, value in self.INTERPRETER_TILES.items():
                 setattr(self, name, value)
@@ -732,7 +746,7 @@ class FusedDecoder:
         """How exact each way of multiplying is, at the decoder's sizes: the max abs error
         against float64 of x @ [Wq; Wk; Wv]^T for layer 0's weights and x ~ N(0, 1) (rows x
         hidden, 450 rows: a step of 45 tiles) through this decoder's GEMM kernel at each
-        ``tl.dot`` precision ("ieee", "tf32x3"), and through torch on the same device
+        ``tl.dot`` precision ("ieee", "tf32x3", the fast mode's "tf32"), and through torch on the same device
         ("torch float32": cuBLAS with TF32 off, the reference's arithmetic; on CUDA also
         "torch tf32", the fast mode's)."""
         import torch
@@ -746,7 +760,7 @@ class FusedDecoder:
         run = torch.ones(1, device=w.device, dtype=torch.int32)
         err = lambda y: float((y.double() - exact).abs().max())  # noqa: E731
         out = {}
-        for precision in ("ieee", "tf32x3"):
+        for precision in ("ieee", "tf32x3", "tf32"):
             y = torch.zeros(rows, N, device=w.device)
             _linear_residual[(triton.cdiv(rows, self.BLOCK_R), triton.cdiv(N, self.BLOCK_N))](
                 x, w, y, run, rows, N=N, KD=KD, BLOCK_R=self.BLOCK_R, BLOCK_N=self.BLOCK_N, BLOCK_K=self.BLOCK_K,
