@@ -131,11 +131,13 @@ class AutoGaze:
         device: for torch-based backends, e.g. "cpu" or "cuda".
         precision: "float32" (default: parity, TF32 off; every backend). The torch backend
             also has fast modes whose tokens may differ from the reference's: "tf32" (TF32
-            matmuls/convolutions on NVIDIA GPUs; the same as float32 on CPU) and "bf16"
-            (bfloat16 GEMMs; selection stays float32). docs/benchmarks.md has their agreement.
+            matmuls/convolutions and Triton products on NVIDIA GPUs, 1.1-1.4x faster than
+            float32 on an H100; the same as float32 on CPU) and "bf16" (bfloat16 GEMMs in the
+            eager step, slower than float32 there; selection stays float32).
+            docs/benchmarks.md has their agreement and speed.
         backend_options: the backend's own settings. The torch backend's ``decode_kernels``:
-            "auto" (default: the fused Triton kernels on CUDA in float32, else the eager torch
-            step), "triton", "triton-ieee" (the Triton kernels with every product a float32
+            "auto" (default: the fused Triton kernels on CUDA in float32 and tf32, else the
+            eager torch step), "triton", "triton-ieee" (the Triton kernels with every product a float32
             FMA instead of 3xTF32 where that is faster) or "torch"; its ``steps_per_sync``: decode steps per CUDA graph
             launch at most, each launch one host read when a task-loss requirement can stop
             a frame early (default None: 4).
