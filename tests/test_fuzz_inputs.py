@@ -125,6 +125,7 @@ def pixel_arrays(draw):
 @example(x=np.zeros((1, 1, 3, 1, 1), np.float16))
 @example(x=np.full((1, 3, 2, 2), np.finfo(np.float64).max))  # overflows to inf in float32
 @example(x=[[[[0.0]]], [[[0.0], [0.0]]]])  # ragged
+@example(x=np.zeros((1, 1, 3, 1, 1), np.float32)[..., ::-1])  # "contiguous" with a negative stride
 def test_pixel_values_work_or_raise_input_error(ref, x):
     def run():
         checked = as_pixel_values(x)

@@ -81,6 +81,10 @@ def as_pixel_values(pixel_values: Any, device: Any = None) -> Any:
     check_input_copy(x.shape, x.dtype != np.float32 or not x.flags.c_contiguous)
     with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf: reported
         y = np.ascontiguousarray(x, dtype=np.float32)
+    if any(s < 0 for s in y.strides):
+        # numpy calls a size-1 axis contiguous whatever its stride, so a reversed one (x[..., ::-1]
+        # with W = 1) comes back as is; torch.from_numpy refuses negative strides.
+        y = y.copy()
     if upload:
         import torch
 
